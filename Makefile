@@ -1,0 +1,54 @@
+# Two commands for a fresh machine: `make repro` and `make test`.
+# TF picks the TensorFlow build: tf (default; CPU, and GPU where CUDA is set up),
+# cpu (smaller download, no GPU support) or gpu (also installs CUDA from PyPI).
+PYTHON ?= python3
+VENV ?= .venv
+TF ?= tf
+BIN := $(abspath $(VENV))/bin
+STAMP := $(VENV)/.installed-$(TF)
+RUN := PATH="$(BIN):$$PATH"
+
+.PHONY: install repro test lint format ui bench clean help
+.DEFAULT_GOAL := help
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml constraints.txt | $(BIN)/python
+	@case "$(TF)" in tf|cpu|gpu) ;; *) echo "TF=$(TF): choose tf, cpu or gpu"; exit 2;; esac
+	@# the three TensorFlow builds share one import name: keep only the chosen one
+	$(BIN)/python -m pip uninstall -q -y $(if $(filter cpu,$(TF)),tensorflow,tensorflow-cpu) 2>/dev/null || true
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[$(TF),dev]"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+install: $(STAMP)  ## create .venv and install the project with its dev tools
+
+repro: install  ## run the whole pipeline (dvc repro) as params.yaml says
+	$(RUN) dvc repro
+
+test: install  ## lint, then run the test suite
+	$(RUN) ruff check .
+	$(RUN) ruff format --check .
+	$(RUN) pytest
+
+lint: install  ## ruff only
+	$(RUN) ruff check .
+	$(RUN) ruff format --check .
+
+format: install  ## apply ruff's fixes and formatting
+	$(RUN) ruff check --fix .
+	$(RUN) ruff format .
+
+ui: install  ## browse the MLflow runs of this project
+	$(RUN) python -m pipeline.tracking ui
+
+bench: install  ## print the speed table (preprocess, train, evaluate, predict)
+	$(RUN) python -m pipeline.bench
+
+clean:  ## remove the virtual environment
+	rm -rf $(VENV)
