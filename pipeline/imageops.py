@@ -53,7 +53,8 @@ def decode_image(data: bytes, name: str = "<bytes>") -> np.ndarray:
         raise ImageError(f"{name}: empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # MAX_PIXELS below is the limit; Pillow's own warning would refuse smaller images
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:
                 width, height = image.size
                 if width == 0 or height == 0:
@@ -70,8 +71,11 @@ def decode_image(data: bytes, name: str = "<bytes>") -> np.ndarray:
         raise
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image file (JPEG, PNG, BMP or WebP expected)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"{name}: image too large to decode safely ({exc})") from None
+    except Image.DecompressionBombError as exc:  # even further above MAX_PIXELS
+        raise ImageError(
+            f"{name}: image has more than the {MAX_PIXELS:,} pixels this project decodes "
+            f"({exc}); scale it down first"
+        ) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{name}: damaged or truncated image ({exc})") from None
     if gray.ndim != 2 or gray.size == 0:

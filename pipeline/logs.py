@@ -12,7 +12,7 @@ def setup_logging(level: int = logging.INFO) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(
         level=level,
-        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+        format="%(asctime)s %(module)s %(levelname)s: %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )

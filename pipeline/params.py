@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -128,6 +129,7 @@ class TrainParams:
     warmup_epochs: int = _range(0, None)
     class_weight: Literal["none", "balanced"]
     label_smoothing: float = _range(0.0, 0.5)
+    bn_recalibration_batches: int = _range(0, None)
     precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"]
     augmentation: AugmentationParams
     checkpoint: CheckpointParams
@@ -187,7 +189,8 @@ _SCALARS: dict[Any, Callable[[Any], bool]] = {
     type(None): lambda v: v is None,
     bool: lambda v: isinstance(v, bool),
     int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-    float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    # NaN would slip through every range check below (all comparisons are false)
+    float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
     str: lambda v: isinstance(v, str) and bool(v),
 }
 

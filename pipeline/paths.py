@@ -1,7 +1,7 @@
 """Where each stage reads and writes, relative to the project root.
 
 These are the project's layout, said once. `dvc.yaml` declares the same files
-as deps and outs, and `tests/test_dvc_yaml.py` checks that the two agree.
+as deps and outs, and `tests/test_dvc_data.py` checks that the two agree.
 """
 
 from __future__ import annotations
