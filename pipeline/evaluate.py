@@ -3,6 +3,8 @@
 Writes `reports/metrics.json` (for `dvc metrics diff` and the CI gate), the
 per-class report as text and CSV, the confusion matrix as CSV (for DVC's
 `confusion` plot template) and as a figure.
+
+The metrics and reports join the training's MLflow run (`pipeline.tracking`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pipeline import CLASSES
 from pipeline.logs import setup_logging
 from pipeline.params import ParamsError, load_params
 from pipeline.paths import PARAMS_FILE, Paths
+from pipeline.tracking import Terminated, TrackingError, evaluate_tracked
 
 log = logging.getLogger(__name__)
 
@@ -161,13 +164,16 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         params = load_params(args.params)
-        run(params, Paths())
+        evaluate_tracked(params, Paths())
     except ParamsError as exc:
         log.error("invalid params: %s", exc)
         return 2
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, TrackingError) as exc:
         log.error("%s", exc)
         return 1
+    except KeyboardInterrupt as exc:
+        log.error("stopped: %s", exc or "Ctrl-C")
+        return 143 if isinstance(exc, Terminated) else 130
     return 0
 
 

@@ -7,6 +7,7 @@ pictures the preprocess stage writes and the saved file is self-contained.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable
 
@@ -60,6 +61,128 @@ def build_seed_model(
     return keras.Model(inputs, outputs, name="seed")
 
 
+@register("vgg")
+def build_vgg_model(
+    input_shape: tuple[int, int, int], num_classes: int, params: ModelParams
+) -> keras.Model:
+    """VGG-style: four blocks of two 3×3 convs (32, 64, 128, 256), global average pooling."""
+    inputs = keras.Input(shape=input_shape, name="image")
+    x = layers.Rescaling(1.0 / 255, name="rescale")(inputs)
+    for block, filters in enumerate([32, 64, 128, 256], start=1):
+        for conv in (1, 2):
+            name = f"block{block}_conv{conv}"
+            x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=name)(x)
+            x = layers.BatchNormalization(name=f"{name}_bn")(x)
+            x = layers.Activation("relu", name=f"{name}_relu")(x)
+        x = layers.MaxPooling2D(2, name=f"block{block}_pool")(x)
+        x = layers.Dropout(params.dropout, name=f"block{block}_dropout")(x)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    x = _dense_block(x, 256, params.dropout, 1)
+    outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="emotion")(x)
+    return keras.Model(inputs, outputs, name="vgg")
+
+
+def _residual_block(x, filters: int, name: str):
+    """Two 3×3 convs, the first with stride 2, added to a strided 1×1 projection of the input."""
+    shortcut = layers.Conv2D(filters, 1, strides=2, use_bias=False, name=f"{name}_project")(x)
+    shortcut = layers.BatchNormalization(name=f"{name}_project_bn")(shortcut)
+    x = layers.Conv2D(filters, 3, strides=2, padding="same", use_bias=False, name=f"{name}_conv1")(
+        x
+    )
+    x = layers.BatchNormalization(name=f"{name}_bn1")(x)
+    x = layers.Activation("relu", name=f"{name}_relu1")(x)
+    x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv2")(x)
+    x = layers.BatchNormalization(name=f"{name}_bn2")(x)
+    x = layers.Add(name=f"{name}_add")([x, shortcut])
+    return layers.Activation("relu", name=f"{name}_out")(x)
+
+
+@register("resnet")
+def build_resnet_model(
+    input_shape: tuple[int, int, int], num_classes: int, params: ModelParams
+) -> keras.Model:
+    """ResNet-style: a 3×3 stem (32), then residual blocks of 64, 128, 256 at strides 2, GAP."""
+    inputs = keras.Input(shape=input_shape, name="image")
+    x = layers.Rescaling(1.0 / 255, name="rescale")(inputs)
+    x = layers.Conv2D(32, 3, padding="same", use_bias=False, name="stem_conv")(x)
+    x = layers.BatchNormalization(name="stem_bn")(x)
+    x = layers.Activation("relu", name="stem_relu")(x)
+    for stage, filters in enumerate([64, 128, 256], start=1):
+        x = _residual_block(x, filters, f"stage{stage}")
+        x = layers.Dropout(params.dropout, name=f"stage{stage}_dropout")(x)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="emotion")(x)
+    return keras.Model(inputs, outputs, name="resnet")
+
+
+def _separable_module(x, filters: int, name: str):
+    """Two separable 3×3 convs and a strided 3×3 max-pool, plus a strided 1×1 shortcut."""
+    shortcut = layers.Conv2D(filters, 1, strides=2, use_bias=False, name=f"{name}_project")(x)
+    shortcut = layers.BatchNormalization(name=f"{name}_project_bn")(shortcut)
+    for conv in (1, 2):
+        x = layers.SeparableConv2D(
+            filters, 3, padding="same", use_bias=False, name=f"{name}_sepconv{conv}"
+        )(x)
+        x = layers.BatchNormalization(name=f"{name}_bn{conv}")(x)
+        if conv == 1:
+            x = layers.Activation("relu", name=f"{name}_relu")(x)
+    x = layers.MaxPooling2D(3, strides=2, padding="same", name=f"{name}_pool")(x)
+    return layers.Add(name=f"{name}_add")([x, shortcut])
+
+
+@register("xception")
+def build_xception_model(
+    input_shape: tuple[int, int, int], num_classes: int, params: ModelParams
+) -> keras.Model:
+    """Mini-Xception, widened: a 3×3 stem (32), separable residual modules 64-512, GAP."""
+    inputs = keras.Input(shape=input_shape, name="image")
+    x = layers.Rescaling(1.0 / 255, name="rescale")(inputs)
+    x = layers.Conv2D(32, 3, padding="same", use_bias=False, name="stem_conv")(x)
+    x = layers.BatchNormalization(name="stem_bn")(x)
+    x = layers.Activation("relu", name="stem_relu")(x)
+    for stage, filters in enumerate([64, 128, 256, 512], start=1):
+        x = _separable_module(x, filters, f"module{stage}")
+        x = layers.Dropout(params.dropout, name=f"module{stage}_dropout")(x)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="emotion")(x)
+    return keras.Model(inputs, outputs, name="xception")
+
+
+def _weighted_layers(model: keras.Model):
+    todo = list(model.layers)
+    while todo:
+        layer = todo.pop(0)
+        if hasattr(layer, "layers"):
+            todo[:0] = layer.layers
+        else:
+            yield layer
+
+
+def flops_per_image(model: keras.Model) -> int:
+    """Forward FLOPs for one image: 2 × multiply-adds of every convolution and dense layer.
+
+    Each output position of a Conv2D, DepthwiseConv2D, SeparableConv2D or Dense layer costs
+    one multiply-add per kernel weight, so a layer costs 2 × positions × kernel size, e.g.
+    2·H·W·k²·Cin·Cout for a convolution. Normalisation, activations and pooling are
+    left out: they are a few operations per activation, not per weight.
+    """
+    kernels = {
+        layers.Conv2D: ("kernel",),
+        layers.DepthwiseConv2D: ("kernel",),
+        layers.SeparableConv2D: ("depthwise_kernel", "pointwise_kernel"),
+        layers.Dense: ("kernel",),
+    }
+    total = 0
+    for layer in _weighted_layers(model):
+        names = next((v for k, v in kernels.items() if isinstance(layer, k)), None)
+        if names is None:
+            continue
+        positions = math.prod(layer.output.shape[1:-1])
+        weights = sum(math.prod(getattr(layer, name).shape) for name in names)
+        total += 2 * positions * weights
+    return total
+
+
 def build_model(
     params: ModelParams, input_shape: tuple[int, int, int], num_classes: int
 ) -> keras.Model:
@@ -75,13 +198,16 @@ def build_model(
 
 
 def main() -> int:
-    """List the architectures with their size for a 48×48 grayscale input."""
+    """List the architectures with their size and forward cost for a 48×48 grayscale input."""
     from pipeline import CLASSES
 
     for name, builder in sorted(ARCHITECTURES.items()):
         model = builder((48, 48, 1), len(CLASSES), ModelParams(arch=name, dropout=0.25))
         doc = (builder.__doc__ or "").strip().splitlines()[0]
-        print(f"{name:<12} {model.count_params():>12,} parameters  {doc}")
+        print(
+            f"{name:<10} {model.count_params():>11,} parameters "
+            f"{flops_per_image(model) / 1e9:6.3f} GFLOPs/image  {doc}"
+        )
     return 0
 
 

@@ -4,6 +4,9 @@ Writes the model summary, the per-epoch history and the training curves next
 to it. Same params and data give the same weights on CPU: one seed drives the
 initialisation, the shuffles and the augmentation, and TensorFlow runs its ops
 deterministically.
+
+Each training is one MLflow run (`pipeline.tracking`); its id goes to
+`models/run.json`, where `evaluate` finds the run to add its metrics to.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 from pipeline.logs import is_terminal, setup_logging
 from pipeline.params import Params, ParamsError, TrainParams, load_params
 from pipeline.paths import PARAMS_FILE, Paths
+from pipeline.tracking import Terminated, TrackingError, train_tracked
 
 log = logging.getLogger(__name__)
 
@@ -159,8 +163,10 @@ def run(params: Params, paths: Paths, extra_callbacks: list | None = None) -> Tr
 
     from pipeline import CLASSES
     from pipeline.atomic import write_text_atomic
+    from pipeline.callbacks import RecalibrateBatchNorm
     from pipeline.dataset import evaluation_input, load_split, steps_per_epoch, training_input
     from pipeline.figures import plot_training_curves
+    from pipeline.modelmeta import info_for, write_model_info
     from pipeline.models import build_model
 
     train = params.train
@@ -193,13 +199,23 @@ def run(params: Params, paths: Paths, extra_callbacks: list | None = None) -> Tr
             float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
         )
     )
-    callbacks = [record_lr, *make_callbacks(train, paths.model), *(extra_callbacks or [])]
+    # after the schedule, which sets each epoch's rate in its own on_epoch_begin
+    callbacks = [*make_callbacks(train, paths.model), record_lr, *(extra_callbacks or [])]
     class_weight = (
         balanced_class_weight(train_split.labels, len(CLASSES))
         if train.class_weight == "balanced"
         else None
     )
     steps = steps_per_epoch(train_split.count, train.batch_size, train.steps_per_epoch)
+    if train.bn_recalibration_batches:
+        fixed_batches = (
+            train_split.images.shuffle(
+                train_split.count, seed=train.seed, reshuffle_each_iteration=False
+            )
+            .map(lambda image, label: image)
+            .batch(train.batch_size)
+        )
+        callbacks.append(RecalibrateBatchNorm(fixed_batches, train.bn_recalibration_batches, steps))
     started = time.perf_counter()
     fit = model.fit(
         training_input(train_split, train.batch_size, train.seed, train.augmentation),
@@ -208,9 +224,11 @@ def run(params: Params, paths: Paths, extra_callbacks: list | None = None) -> Tr
         validation_data=evaluation_input(val_split, train.batch_size),
         class_weight=class_weight,
         callbacks=callbacks,
+        shuffle=False,  # the input shuffles itself, with the seed
         verbose=1 if is_terminal() else 2,
     )
     seconds = time.perf_counter() - started
+    write_model_info(paths.model, info_for(params.preprocess, params.model.arch))
     epochs_run = len(fit.history["loss"])
     history = [
         {
@@ -259,13 +277,16 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         params = load_params(args.params)
-        run(params, Paths())
+        train_tracked(params, Paths())
     except ParamsError as exc:
         log.error("invalid params: %s", exc)
         return 2
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, TrackingError) as exc:
         log.error("%s", exc)
         return 1
+    except KeyboardInterrupt as exc:
+        log.error("stopped: %s", exc or "Ctrl-C")
+        return 143 if isinstance(exc, Terminated) else 130
     return 0
 
 

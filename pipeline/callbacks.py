@@ -1,0 +1,54 @@
+"""Keras callbacks of the pipeline's own."""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+
+class RecalibrateBatchNorm(keras.callbacks.Callback):
+    """Recompute BatchNormalization statistics before each validation ("precise BN").
+
+    Keras keeps BatchNorm means and variances as running averages with momentum
+    0.99, which need a few hundred steps to forget their initial values. On a
+    small dataset (the embedded sample has ~30 steps an epoch) validation then
+    runs with statistics that do not match the weights, and its accuracy says
+    little about the model. After the last training batch of each epoch, this
+    callback replaces them by the exact average over `batches` fixed training
+    batches. Weights are untouched; on a large dataset the statistics barely
+    change.
+    """
+
+    def __init__(self, images: tf.data.Dataset, batches: int, steps_per_epoch: int):
+        super().__init__()
+        self.images = images
+        self.batches = batches
+        self.steps_per_epoch = steps_per_epoch
+
+    def _norm_layers(self) -> list[keras.layers.BatchNormalization]:
+        found, todo = [], list(self.model.layers)
+        while todo:
+            layer = todo.pop(0)
+            if isinstance(layer, keras.layers.BatchNormalization):
+                found.append(layer)
+            todo.extend(getattr(layer, "layers", []))
+        return found
+
+    def recalibrate(self) -> None:
+        layers = self._norm_layers()
+        if not layers:
+            return
+        momenta = [layer.momentum for layer in layers]
+        try:
+            for index, batch in enumerate(self.images.take(self.batches)):
+                # a cumulative average: the k-th batch gets weight 1/(k+1)
+                for layer in layers:
+                    layer.momentum = index / (index + 1)
+                self.model(batch, training=True)
+        finally:
+            for layer, momentum in zip(layers, momenta, strict=True):
+                layer.momentum = momentum
+
+    def on_train_batch_end(self, batch: int, logs=None) -> None:
+        if batch == self.steps_per_epoch - 1:
+            self.recalibrate()
