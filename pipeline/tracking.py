@@ -1,0 +1,591 @@
+"""MLflow tracking: each training is one MLflow run, shared by `train` and `evaluate`.
+
+`train` opens a run in the experiment `mlflow.experiment`, named after the DVC
+experiment when there is one, logs every param, the tags that say what was
+trained on what (git commit, data hash, library versions, precision), one
+point per epoch of the training curves, the training reports and the model,
+then writes the run id to `models/run.json` and ends the run FINISHED.
+`evaluate` reopens that run, adds its metrics and reports, and ends it
+FINISHED again. A run that fails ends FAILED; one stopped by Ctrl-C or
+SIGTERM ends KILLED; none is left RUNNING.
+
+The store is `MLFLOW_TRACKING_URI` when set, else `mlflow.db` and
+`mlartifacts/` in the project root, the root of the main checkout even when
+DVC runs the stage in a temporary copy (`dvc exp run --temp`, `--queue`).
+`python -m pipeline.tracking ui` browses it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import types
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline import CLASSES
+from pipeline.params import Params, flatten
+from pipeline.paths import Paths
+
+log = logging.getLogger(__name__)
+
+STORE_DB = "mlflow.db"
+ARTIFACTS_DIR = "mlartifacts"
+EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
+EVAL_METRICS = ("accuracy", "loss", "f1_macro", "f1_weighted")
+KERAS_MODEL_NAME = "keras_model"
+PYFUNC_MODEL_NAME = "emotion_model"
+PROBE_TIMEOUT_SECONDS = 5
+STAGE_TAG = "stage"
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used; the message says what to do."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that the run ends KILLED and outputs stay whole."""
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What `models/run.json` hands from `train` to `evaluate`."""
+
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+
+
+# ---------------------------------------------------------------- the store
+
+
+def project_root(start: Path | None = None) -> Path:
+    """The project's own root, also from inside a DVC experiment's temporary copy.
+
+    DVC sets `DVC_ROOT` for every stage it runs, and points it at the main
+    checkout for `dvc exp run --temp` and `--queue`. Outside DVC, walk up to
+    the folder holding `.dvc`, stepping out of `<root>/.dvc/tmp/exps/...`.
+    """
+    env_root = os.environ.get("DVC_ROOT")
+    if env_root and Path(env_root).is_dir():
+        return Path(env_root).resolve()
+    here = (start or Path.cwd()).resolve()
+    parts = here.parts
+    for i in range(len(parts) - 2):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    for folder in (here, *here.parents):
+        if (folder / ".dvc").is_dir():
+            return folder
+    return here
+
+
+def local_store_uri(root: Path) -> str:
+    return f"sqlite:///{(root / STORE_DB).resolve()}"
+
+
+def tracking_uri(root: Path) -> str:
+    """`MLFLOW_TRACKING_URI` when set, else the SQLite store in `root`."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or local_store_uri(root)
+
+
+def _is_remote(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+@contextlib.contextmanager
+def _short_http_timeouts() -> Iterator[None]:
+    """One attempt with a short timeout, instead of MLflow's minutes of retries."""
+    wanted = {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(PROBE_TIMEOUT_SECONDS),
+    }
+    saved = {key: os.environ.get(key) for key in wanted}
+    os.environ.update(wanted)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _reason(exc: Exception) -> str:
+    """The gist of a connection error ("Connection refused"), else its first line."""
+    text = str(exc)
+    found = re.search(r"\[Errno -?\d+\] ([^\"')]+)", text)
+    if found:
+        return found.group(1).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def check_reachable(uri: str, root: Path) -> None:
+    """Fail fast, before any training, when the store at `uri` cannot be used."""
+    from mlflow import MlflowClient
+
+    try:
+        with _short_http_timeouts():
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as exc:
+        if _is_remote(uri):
+            raise TrackingError(
+                f"the MLflow tracking server at {uri} (MLFLOW_TRACKING_URI) is not reachable: "
+                f"{_reason(exc)}. Start it (mlflow server --host 127.0.0.1 --port 5000), "
+                "or unset MLFLOW_TRACKING_URI to track in the project's local store "
+                f"{root / STORE_DB}"
+            ) from None
+        raise TrackingError(f"cannot open the MLflow store {uri}: {_reason(exc)}") from None
+
+
+def _artifact_location(root: Path, experiment: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", experiment).strip("-") or "default"
+    return (root / ARTIFACTS_DIR / slug).resolve().as_uri()
+
+
+def open_experiment(name: str, uri: str, artifact_location: str | None) -> str:
+    """The id of experiment `name`, created on first use with `artifact_location`."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location)
+        except MlflowException:  # created meanwhile by a parallel run
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if experiment.lifecycle_stage == "deleted":
+        raise TrackingError(
+            f"the MLflow experiment {name!r} in {uri} is deleted; restore it "
+            f"(mlflow experiments restore --experiment-id {experiment.experiment_id}) "
+            "or choose another name in params.yaml mlflow.experiment"
+        )
+    return experiment.experiment_id
+
+
+def connect(experiment: str) -> tuple[str, str]:
+    """Point MLflow at the project's store, check it answers, return (uri, experiment id)."""
+    import mlflow
+
+    root = project_root()
+    uri = tracking_uri(root)
+    check_reachable(uri, root)
+    # in the local store, artifacts go beside it; elsewhere the store decides
+    location = _artifact_location(root, experiment) if uri == local_store_uri(root) else None
+    mlflow.set_tracking_uri(uri)  # (which also sets MLFLOW_TRACKING_URI)
+    return uri, open_experiment(experiment, uri, location)
+
+
+# ---------------------------------------------------------------- what a run records
+
+
+def run_name(params: Params) -> str:
+    """The DVC experiment's name during `dvc exp run`, else the architecture and the time."""
+    return os.environ.get("DVC_EXP_NAME") or f"{params.model.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _git(cwd: Path, *args: str) -> str | None:
+    try:
+        done = subprocess.run(
+            ["git", *args], cwd=cwd, capture_output=True, text=True, check=True, timeout=30
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip()
+
+
+def git_tags(paths: Paths) -> dict[str, str]:
+    """The commit checked out, and whether code, params or other inputs differ from it.
+
+    The pipeline's own outputs (data, models, reports, `dvc.lock`) are left out:
+    a stage rewriting them does not make the run's inputs dirty.
+    """
+    root = paths.root.resolve()
+    commit = _git(root, "rev-parse", "HEAD")
+    if not commit:
+        return {}
+    outputs = (paths.processed.parent, paths.models, paths.reports, paths.root / "dvc.lock")
+    excluded = [f":(exclude){path.relative_to(paths.root).as_posix()}" for path in outputs]
+    status = _git(root, "status", "--porcelain", "--untracked-files=no", "--", ".", *excluded)
+    return {
+        "mlflow.source.git.commit": commit,
+        "git.dirty": "unknown" if status is None else str(bool(status)).lower(),
+    }
+
+
+def _locked_md5(lock_file: Path, out: str) -> str | None:
+    import yaml
+
+    try:
+        with lock_file.open(encoding="utf-8") as fh:
+            lock = yaml.safe_load(fh) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    for stage in (lock.get("stages") or {}).values():
+        for entry in stage.get("outs") or []:
+            if entry.get("path") == out and entry.get("md5"):
+                return str(entry["md5"])
+    return None
+
+
+def _computed_md5(folder: Path) -> str:
+    from dvc_data.hashfile.build import build
+    from dvc_data.hashfile.db import HashFileDB
+    from dvc_objects.fs.local import LocalFileSystem
+
+    fs = LocalFileSystem()
+    with tempfile.TemporaryDirectory() as scratch:
+        _, _, obj = build(HashFileDB(fs, scratch), str(folder.resolve()), fs, "md5", dry_run=True)
+    return obj.hash_info.value
+
+
+def data_md5(paths: Paths) -> str | None:
+    """DVC's md5 of `data/processed`, as `dvc.lock` records it.
+
+    Inside a DVC stage (`DVC_STAGE` set), DVC has just checked that the data
+    matches `dvc.lock`, so the lock's entry is read. Elsewhere the lock may be
+    stale, and the hash is computed the way DVC does.
+    """
+    out = paths.processed.relative_to(paths.root).as_posix()
+    if os.environ.get("DVC_STAGE"):
+        locked = _locked_md5(paths.root / "dvc.lock", out)
+        if locked:
+            return locked
+    try:
+        return _computed_md5(paths.processed)
+    except Exception as exc:  # a missing hash must not cost a training
+        log.warning("cannot hash %s for the run's tags: %s", paths.processed, exc)
+        return None
+
+
+def run_tags(params: Params, paths: Paths) -> dict[str, str]:
+    import keras
+    import tensorflow as tf
+
+    from pipeline.train import resolve_precision
+
+    tags = {
+        **git_tags(paths),
+        "tensorflow.version": tf.__version__,
+        "keras.version": keras.__version__,
+        "precision": resolve_precision(params.train.precision),
+    }
+    md5 = data_md5(paths)
+    if md5:
+        tags["data.md5"] = md5
+    for env, tag in (("DVC_EXP_NAME", "dvc.exp_name"), ("DVC_EXP_BASELINE_REV", "dvc.baseline")):
+        if os.environ.get(env):
+            tags[tag] = os.environ[env]
+    return tags
+
+
+def _param_values(params: Params) -> dict[str, str]:
+    return {key: str(value) for key, value in flatten(params).items()}
+
+
+def epoch_logger():
+    """A Keras callback logging loss, accuracy, val_loss, val_accuracy and lr, step = epoch.
+
+    Epochs count from 1, as in `reports/history.csv`; `lr` is the rate the epoch used.
+    """
+    import keras
+    import mlflow
+
+    class EpochLogger(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+            self.rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            values = {k: float(v) for k, v in (logs or {}).items() if k in EPOCH_METRICS}
+            mlflow.log_metrics({**values, "lr": self.rate}, step=epoch + 1)
+
+    return EpochLogger()
+
+
+def _log_file(path: Path, root: Path) -> None:
+    """Log `path` under the same folder as in the project (`reports/figures/...`)."""
+    import mlflow
+
+    if not path.is_file():
+        log.warning("%s: missing, not logged to MLflow", path)
+        return
+    folder = path.relative_to(root).parent.as_posix()
+    mlflow.log_artifact(str(path), artifact_path=None if folder == "." else folder)
+
+
+def _input_example(paths: Paths, count: int = 2):
+    """A few validation images as the model takes them: float32 [n, size, size, 1] in [0, 255]."""
+    import numpy as np
+
+    from pipeline.imageops import read_image
+
+    files = sorted((paths.processed / "validation").glob("*/*.png"))[:count]
+    return np.stack([read_image(f)[..., None] for f in files]).astype("float32")
+
+
+def _save_keras_model(path: str, **kwargs: Any) -> None:
+    """`mlflow.keras.save_model`, with the model folder made first: MLflow writes the input
+    example before it creates the folder (mlflow/mlflow#16183, still open in MLflow 3)."""
+    import mlflow.keras
+
+    Path(path).mkdir(parents=True, exist_ok=True)
+    mlflow.keras.save_model(path=path, **kwargs)
+
+
+def log_models(params: Params, paths: Paths) -> None:
+    """`model.h5` in MLflow's Keras 3 flavour, and as the pyfunc image model for serving."""
+    import keras
+    import tensorflow as tf
+    from mlflow.models import Model, infer_signature
+
+    from pipeline.serving import log_pyfunc_model
+
+    model = keras.models.load_model(paths.model, compile=False)
+    example = _input_example(paths)
+    # what `mlflow.keras.log_model` does, through the fixed save above
+    Model.log(
+        artifact_path=None,
+        name=KERAS_MODEL_NAME,
+        flavor=types.SimpleNamespace(__name__="mlflow.keras", save_model=_save_keras_model),
+        model=model,
+        signature=infer_signature(example, model.predict(example, verbose=0)),
+        input_example=example,
+        pip_requirements=[f"keras=={keras.__version__}", f"tensorflow=={tf.__version__}"],
+    )
+    log_pyfunc_model(
+        paths.model,
+        artifact_path=PYFUNC_MODEL_NAME,
+        registered_model_name=params.mlflow.registered_model,
+    )
+
+
+def log_training_outputs(params: Params, paths: Paths) -> None:
+    for path in (
+        paths.model,
+        paths.model_summary,
+        paths.history,
+        paths.training_curves,
+        paths.data_report,
+    ):
+        _log_file(path, paths.root)
+    if params.mlflow.log_model:
+        log_models(params, paths)
+
+
+def log_history(history_csv: Path) -> None:
+    """The per-epoch curves from `history.csv`, for a run that did not watch the training."""
+    import mlflow
+    import pandas as pd
+
+    for row in pd.read_csv(history_csv).to_dict("records"):
+        values = {k: float(row[k]) for k in (*EPOCH_METRICS, "lr")}
+        mlflow.log_metrics(values, step=int(row["epoch"]))
+
+
+def evaluation_metrics(metrics: dict) -> dict[str, float]:
+    """`metrics.json` as MLflow metrics: `eval_accuracy`, ..., `eval_f1_<class>`, `best_epoch`.
+
+    The `eval_` prefix keeps them apart from the per-epoch `loss` and `accuracy` curves.
+    """
+    flat = {f"eval_{key}": float(metrics[key]) for key in EVAL_METRICS}
+    flat.update({f"eval_f1_{name}": float(metrics["per_class"][name]["f1"]) for name in CLASSES})
+    flat["best_epoch"] = float(metrics["best_epoch"])
+    return flat
+
+
+def log_evaluation(metrics: dict, paths: Paths) -> None:
+    import mlflow
+
+    mlflow.log_metrics(evaluation_metrics(metrics))
+    for path in (paths.classification_report, paths.confusion_figure):
+        _log_file(path, paths.root)
+
+
+# ---------------------------------------------------------------- run life cycle
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into `Terminated` (once; a second SIGTERM kills as usual)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, previous)
+        raise Terminated(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def ending_run() -> Iterator[None]:
+    """End the active run FINISHED, or KILLED on Ctrl-C or SIGTERM, or FAILED on an error."""
+    import mlflow
+
+    try:
+        yield
+    except BaseException as exc:
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        try:
+            mlflow.end_run(status)
+        except Exception as end_exc:
+            log.warning("could not mark the MLflow run %s: %s", status, _reason(end_exc))
+        raise
+    mlflow.end_run("FINISHED")
+
+
+def write_run_info(path: Path, info: RunInfo) -> None:
+    from pipeline.atomic import write_json_atomic
+
+    write_json_atomic(path, info.__dict__)
+
+
+def read_run_info(path: Path) -> RunInfo | None:
+    try:
+        return RunInfo(**json.loads(Path(path).read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        return None
+    except (ValueError, TypeError) as exc:
+        log.warning("%s: unreadable (%s)", path, exc)
+        return None
+
+
+def train_tracked(params: Params, paths: Paths):
+    """The train stage inside a new MLflow run; returns `train.run`'s result."""
+    import mlflow
+
+    from pipeline.train import run as train
+
+    uri, experiment_id = connect(params.mlflow.experiment)
+    with sigterm_raises(), ending_run():
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name(params))
+        log.info("MLflow run %s (%s) in %s", run.info.run_name, run.info.run_id, uri)
+        mlflow.log_params(_param_values(params))
+        mlflow.set_tags({**run_tags(params, paths), STAGE_TAG: "training"})
+        result = train(params, paths, extra_callbacks=[epoch_logger()])
+        log_training_outputs(params, paths)
+        write_run_info(paths.run_info, RunInfo(run.info.run_id, experiment_id, uri))
+        mlflow.set_tag(STAGE_TAG, "trained")
+    return result
+
+
+def _resumable(info: RunInfo | None, params: Params, uri: str, run_info: Path) -> str | None:
+    """Why the training run cannot take this evaluation, or None when it can."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    if info is None:
+        return f"{run_info} names no MLflow run"
+    try:
+        run = MlflowClient(tracking_uri=uri).get_run(info.run_id)
+    except MlflowException:
+        return (
+            f"run {info.run_id} of {run_info} is not in {uri} "
+            f"(it was tracked in {info.tracking_uri})"
+        )
+    if run.info.lifecycle_stage == "deleted":
+        return f"run {info.run_id} of {run_info} is deleted"
+    # a change in any other group reruns `train`, which opens a new run
+    changed = sorted(
+        key
+        for key, value in _param_values(params).items()
+        if key.startswith("evaluate.") and run.data.params.get(key, value) != value
+    )
+    if changed:
+        return f"run {info.run_id} was evaluated with other params ({', '.join(changed)})"
+    return None
+
+
+def evaluate_tracked(params: Params, paths: Paths) -> dict:
+    """The evaluate stage, added to the training's run, which it ends FINISHED again.
+
+    When that run cannot take it (it is in another store, deleted, or holds
+    other values of the `evaluate` params, as after `dvc exp run -S
+    evaluate.tta=true`), the evaluation goes to a new run that also gets the training's record from
+    the files: params, tags, curves from `history.csv`, reports and model.
+    """
+    import mlflow
+
+    from pipeline.evaluate import run as evaluate
+
+    uri, experiment_id = connect(params.mlflow.experiment)
+    info = read_run_info(paths.run_info)
+    why_not = _resumable(info, params, uri, paths.run_info)
+    with sigterm_raises(), ending_run():
+        if why_not is None:
+            run = mlflow.start_run(run_id=info.run_id)
+        else:
+            log.warning("%s: logging this evaluation to a new MLflow run", why_not)
+            run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name(params))
+            mlflow.log_params(_param_values(params))
+            mlflow.set_tags({**run_tags(params, paths), "mlflow.note.content": why_not})
+            if info is not None:
+                mlflow.set_tag("train_run_id", info.run_id)
+            log_history(paths.history)
+            log_training_outputs(params, paths)
+        log.info("MLflow run %s (%s) in %s", run.info.run_name, run.info.run_id, uri)
+        metrics = evaluate(params, paths)
+        log_evaluation(metrics, paths)
+        mlflow.set_tag(STAGE_TAG, "evaluated")
+    return metrics
+
+
+# ---------------------------------------------------------------- `ui`
+
+
+def ui(host: str, port: int) -> int:
+    """Run `mlflow ui` on the project's store until Ctrl-C."""
+    root = project_root()
+    uri = tracking_uri(root)
+    if _is_remote(uri):
+        print(f"runs are tracked on the server {uri} (MLFLOW_TRACKING_URI): open it in a browser")
+        return 0
+    command = [
+        sys.executable, "-m", "mlflow", "ui",
+        "--backend-store-uri", uri,
+        "--artifacts-destination", str(root / ARTIFACTS_DIR),
+        "--host", host, "--port", str(port), "--workers", "1",
+    ]  # fmt: skip
+    print(f"MLflow UI for {uri} at http://{host}:{port} (Ctrl-C stops it)", flush=True)
+    try:
+        return subprocess.call(command)
+    except KeyboardInterrupt:
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.tracking",
+        description="The project's MLflow store (mlflow.db and mlartifacts/ in the root).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    ui_parser = commands.add_parser("ui", help="browse the runs with `mlflow ui`")
+    ui_parser.add_argument("--host", default="127.0.0.1", help="interface to listen on")
+    ui_parser.add_argument("--port", type=int, default=5000, help="port to listen on")
+    args = parser.parse_args(argv)
+    return ui(args.host, args.port)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

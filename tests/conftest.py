@@ -1,0 +1,140 @@
+"""Shared fixtures: a real MLflow tracking server on loopback, and a tiny dataset.
+
+The server and the dataset are made once per session; each test that trains
+links the dataset into its own project folder, so its outputs stay its own.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.params import Params, load_params, to_dict
+from pipeline.paths import Paths
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# ~10 images per class and split, one epoch: enough to exercise every stage
+TINY = {
+    "data.sample_train_images": 70,
+    "data.sample_validation_images": 70,
+    "preprocess.workers": 1,
+    "train.epochs": 1,
+    "train.batch_size": 32,
+}
+
+
+def tiny_params(**overrides: object) -> Params:
+    """The project's params.yaml with tiny data and one epoch; dotted keys override more."""
+    return load_params(ROOT / "params.yaml", overrides={**TINY, **overrides})
+
+
+def write_params(path: Path, params: Params) -> Path:
+    path.write_text(yaml.safe_dump(to_dict(params), sort_keys=False), encoding="utf-8")
+    return path
+
+
+def subprocess_env(**changes: str | None) -> dict[str, str]:
+    """This environment for a child `python -m pipeline.*`: the project importable, this
+    Python's tools first on PATH, no DVC or MLflow variables leaking in; `changes` on top
+    (None removes a variable)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_TRACKING"))}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    for key, value in changes.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_http(url: str, process: subprocess.Popen, timeout: float, log_file: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            output = log_file.read_text(errors="replace")[-3000:]
+            pytest.fail(f"{process.args[:4]} exited with {process.returncode}:\n{output}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"{url} did not answer within {timeout:.0f} s")
+
+
+def stop_process_group(process: subprocess.Popen) -> None:
+    """SIGTERM the group the process leads (server and its workers), SIGKILL if it lingers."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
+    """URI of an `mlflow server` on loopback with a SQLite store and proxied artifacts."""
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    log_file = folder / "server.log"
+    command = [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+        "--artifacts-destination", str(folder / "artifacts"),
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    ]  # fmt: skip
+    with log_file.open("wb") as log:
+        process = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=folder,
+            env=subprocess_env(),
+            start_new_session=True,
+        )
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/health", process, 120, log_file)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_process_group(process)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Paths:
+    """`data/raw`, `data/processed` and `reports/data.json` of the tiny sample, made once."""
+    from pipeline import download, preprocess
+
+    paths = Paths(tmp_path_factory.mktemp("tiny-data"))
+    params = tiny_params()
+    download.run(params.data, paths)
+    preprocess.run(params.preprocess, paths)
+    return paths
+
+
+@pytest.fixture
+def tiny_project(tmp_path: Path, tiny_data: Paths) -> Paths:
+    """A project folder of this test's own whose `data/` is the tiny dataset (linked)."""
+    (tmp_path / "data").symlink_to(tiny_data.root / "data", target_is_directory=True)
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "data.json").write_bytes(tiny_data.data_report.read_bytes())
+    return Paths(tmp_path)

@@ -1,0 +1,455 @@
+"""MLflow tracking against a real tracking server on loopback (and a real `dvc exp run`).
+
+Every training here is tiny (~10 images per class and split, one or two
+epochs of the seed model); each test uses an experiment of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import (
+    ROOT,
+    free_port,
+    stop_process_group,
+    subprocess_env,
+    tiny_params,
+    wait_for_http,
+    write_params,
+)
+
+from pipeline import CLASSES, tracking
+from pipeline.params import flatten
+from pipeline.paths import Paths
+
+GIT_IDENTITY = {
+    "GIT_AUTHOR_NAME": "Test",
+    "GIT_AUTHOR_EMAIL": "test@example.invalid",
+    "GIT_COMMITTER_NAME": "Test",
+    "GIT_COMMITTER_EMAIL": "test@example.invalid",
+}
+EPOCH_CURVES = ("loss", "accuracy", "val_loss", "val_accuracy", "lr")
+TRAINING_ARTIFACTS = {
+    "models/model.h5",
+    "reports/model_summary.txt",
+    "reports/history.csv",
+    "reports/figures/training_curves.png",
+    "reports/data.json",
+}
+EVALUATION_ARTIFACTS = {
+    "reports/classification_report.txt",
+    "reports/figures/confusion_matrix.png",
+}
+
+
+def git(cwd: Path, *args: str) -> str:
+    done = subprocess.run(
+        ["git", *args],
+        cwd=cwd,
+        env=subprocess_env(**GIT_IDENTITY),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout.strip()
+
+
+def commit_all(repo: Path) -> str:
+    git(repo, "init", "-q")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "test project")
+    return git(repo, "rev-parse", "HEAD")
+
+
+def artifact_files(client, run_id: str, folder: str | None = None) -> set[str]:
+    found = set()
+    for item in client.list_artifacts(run_id, folder):
+        found |= artifact_files(client, run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
+def only_run(client, experiment: str):
+    (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    return run
+
+
+def steps_and_values(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+
+
+def history_rows(path: Path) -> list[dict[str, float]]:
+    import pandas as pd
+
+    return pd.read_csv(path).to_dict("records")
+
+
+@pytest.fixture
+def client(mlflow_server: str, monkeypatch: pytest.MonkeyPatch):
+    """An MLflow client of the test server, which the pipeline also tracks to."""
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    for name in ("DVC_ROOT", "DVC_STAGE", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
+        monkeypatch.delenv(name, raising=False)
+    return MlflowClient(mlflow_server)
+
+
+# ---------------------------------------------------------------- where the store is
+
+
+def test_project_root_is_where_dvc_says(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    assert tracking.project_root(tmp_path / "somewhere" / "else") == tmp_path.resolve()
+
+
+def test_project_root_steps_out_of_a_dvc_experiment_copy(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    copy = tmp_path / ".dvc" / "tmp" / "exps" / "tmpabc123"
+    (copy / ".dvc").mkdir(parents=True)  # the copy is a DVC repository of its own
+    (copy / "pipeline").mkdir()
+    assert tracking.project_root(copy / "pipeline") == tmp_path.resolve()
+
+
+def test_project_root_walks_up_to_the_dvc_folder(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / "reports" / "figures").mkdir(parents=True)
+    assert tracking.project_root(tmp_path / "reports" / "figures") == tmp_path.resolve()
+
+
+def test_local_store_unless_mlflow_tracking_uri_is_set(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.tracking_uri(tmp_path) == "http://127.0.0.1:5000"
+
+
+# ---------------------------------------------------------------- what a run holds
+
+
+def check_run(client, run_id: str, params, paths: Paths, metrics: dict, commit: str, dirty: str):
+    import keras
+    import tensorflow as tf
+
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert re.fullmatch(r"seed-\d{8}-\d{6}", run.info.run_name)
+    assert run.data.params == {k: str(v) for k, v in flatten(params).items()}
+
+    history = history_rows(paths.history)
+    assert [row["epoch"] for row in history] == [1, 2]
+    for key in EPOCH_CURVES:
+        logged = steps_and_values(client, run_id, key)
+        assert [step for step, _ in logged] == [1, 2], key
+        for (_, value), row in zip(logged, history, strict=True):
+            assert math.isclose(value, row[key], rel_tol=1e-4), key
+    first_rate = steps_and_values(client, run_id, "lr")[0][1]
+    assert math.isclose(first_rate, params.train.learning_rate, rel_tol=1e-6)
+
+    logged = run.data.metrics
+    for key in ("accuracy", "loss", "f1_macro", "f1_weighted"):
+        assert logged[f"eval_{key}"] == pytest.approx(metrics[key])
+    for name in CLASSES:
+        assert logged[f"eval_f1_{name}"] == pytest.approx(metrics["per_class"][name]["f1"])
+    assert logged["best_epoch"] == metrics["best_epoch"]
+
+    tags = run.data.tags
+    assert tags["mlflow.source.git.commit"] == commit
+    assert tags["git.dirty"] == dirty
+    assert re.fullmatch(r"[0-9a-f]{32}\.dir", tags["data.md5"])
+    assert tags["tensorflow.version"] == tf.__version__
+    assert tags["keras.version"] == keras.__version__
+    assert tags["precision"] in ("float32", "mixed_bfloat16", "mixed_float16")
+    assert tags["stage"] == "evaluated"
+
+    assert artifact_files(client, run_id) == TRAINING_ARTIFACTS | EVALUATION_ARTIFACTS
+    assert json.loads(paths.run_info.read_text())["run_id"] == run_id
+    return run
+
+
+def test_two_runs_hold_params_curves_metrics_artifacts_models_and_tags(
+    client, tiny_project: Paths, tmp_path: Path
+) -> None:
+    import keras
+    import mlflow
+    import numpy as np
+
+    paths = tiny_project
+    experiment = "test-two-runs"
+    (paths.root / ".gitignore").write_text("data\nmodels\n")
+    paths.metrics.write_text("{}")  # a committed output, as DVC's metrics are
+    choices = [(0.001, None), (0.0005, "test-emotion-model")]
+    runs = {}
+    for index, (rate, registered) in enumerate(choices):
+        params = tiny_params(
+            **{
+                "train.epochs": 2,
+                "train.early_stopping.enabled": False,
+                "train.learning_rate": rate,
+                "mlflow.experiment": experiment,
+                "mlflow.registered_model": registered,
+            }
+        )
+        write_params(paths.root / "params.yaml", params)
+        if index == 0:  # the second run's params.yaml differs from the commit
+            commit = commit_all(paths.root)
+            paths.metrics.write_text('{"accuracy": 0.5}')  # rewritten outputs are not dirt
+        tracking.train_tracked(params, paths)
+        metrics = tracking.evaluate_tracked(params, paths)
+        assert mlflow.active_run() is None
+        run_id = json.loads(paths.run_info.read_text())["run_id"]
+        check_run(client, run_id, params, paths, metrics, commit, ["false", "true"][index])
+        runs[rate] = run_id
+
+        downloaded = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path="models/model.h5", dst_path=str(tmp_path / run_id)
+        )
+        assert Path(downloaded).read_bytes() == paths.model.read_bytes()
+        model = keras.models.load_model(downloaded, compile=False)
+        image = np.full((1, 48, 48, 1), 128.0, dtype="float32")
+        probabilities = model.predict(image, verbose=0)
+        assert probabilities.shape == (1, len(CLASSES))
+
+        experiment_id = client.get_experiment_by_name(experiment).experiment_id
+        logged = {
+            m.name: m
+            for m in client.search_logged_models([experiment_id])
+            if m.source_run_id == run_id
+        }
+        assert set(logged) == {"keras_model", "emotion_model"}
+        flavoured = mlflow.keras.load_model(logged["keras_model"].model_uri)
+        assert np.allclose(flavoured.predict(image, verbose=0), probabilities, atol=1e-6)
+        assert mlflow.models.get_model_info(logged["keras_model"].model_uri).signature
+
+    assert len(set(runs.values())) == 2
+    tags = [client.get_run(run_id).data.tags for run_id in runs.values()]
+    assert tags[0]["data.md5"] == tags[1]["data.md5"]  # the same data
+
+    versions = client.search_model_versions("name = 'test-emotion-model'")
+    assert [v.run_id for v in versions] == [runs[0.0005]]  # only the run that asked for it
+    pyfunc = next(
+        m
+        for m in client.search_logged_models([experiment_id])
+        if m.source_run_id == runs[0.0005] and m.name == "emotion_model"
+    )
+    assert pyfunc.model_id in versions[0].source
+
+
+def test_evaluation_with_other_evaluate_params_goes_to_a_new_run(
+    client, tiny_project: Paths
+) -> None:
+    paths = tiny_project
+    experiment = "test-reevaluate"
+    params = tiny_params(**{"mlflow.experiment": experiment, "mlflow.log_model": False})
+    tracking.train_tracked(params, paths)
+    trained = json.loads(paths.run_info.read_text())["run_id"]
+
+    other = tiny_params(
+        **{"mlflow.experiment": experiment, "mlflow.log_model": False, "evaluate.tta": True}
+    )
+    tracking.evaluate_tracked(other, paths)
+
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    runs = {run.info.run_id: run for run in client.search_runs([experiment_id])}
+    assert len(runs) == 2
+    first = runs.pop(trained)
+    (second,) = runs.values()
+    assert first.info.status == "FINISHED"
+    assert first.data.tags["stage"] == "trained"
+    assert "eval_accuracy" not in first.data.metrics
+    assert second.info.status == "FINISHED"
+    assert second.data.tags["stage"] == "evaluated"
+    assert second.data.tags["train_run_id"] == trained
+    assert "evaluate.tta" in second.data.tags["mlflow.note.content"]
+    assert second.data.params["evaluate.tta"] == "True"
+    assert "eval_accuracy" in second.data.metrics
+    assert [s for s, _ in steps_and_values(client, second.info.run_id, "loss")] == [1]
+    assert artifact_files(client, second.info.run_id) == TRAINING_ARTIFACTS | EVALUATION_ARTIFACTS
+    assert client.search_logged_models([experiment_id]) == []  # mlflow.log_model: false
+
+
+# ---------------------------------------------------------------- failures
+
+
+def test_a_run_whose_training_raises_ends_failed(client, tiny_data: Paths, tmp_path: Path) -> None:
+    import mlflow
+
+    processed = tmp_path / "data" / "processed"
+    processed.mkdir(parents=True)
+    (processed / "train").symlink_to(tiny_data.processed / "train")  # no validation split
+    paths = Paths(tmp_path)
+    params = tiny_params(**{"mlflow.experiment": "test-failed"})
+
+    with pytest.raises(FileNotFoundError, match="validation"):
+        tracking.train_tracked(params, paths)
+
+    assert mlflow.active_run() is None
+    run = only_run(client, "test-failed")
+    assert run.info.status == "FAILED"
+    assert run.data.tags["stage"] == "training"
+    assert run.data.params["train.epochs"] == "1"
+    assert not paths.run_info.exists()
+
+
+def test_sigterm_during_training_ends_the_run_killed(
+    client, mlflow_server: str, tiny_project: Paths
+) -> None:
+    root = tiny_project.root
+    experiment = "test-sigterm"
+    params = tiny_params(
+        **{
+            "train.epochs": 1000,
+            "train.early_stopping.enabled": False,
+            "mlflow.experiment": experiment,
+        }
+    )
+    write_params(root / "params.yaml", params)
+    log_file = root / "train.log"
+    with log_file.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.train"],
+            cwd=root,
+            env=subprocess_env(MLFLOW_TRACKING_URI=mlflow_server),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 300
+        run_id = None
+        while time.monotonic() < deadline and process.poll() is None:
+            found = client.get_experiment_by_name(experiment)
+            runs = client.search_runs([found.experiment_id]) if found else []
+            if runs and client.get_metric_history(runs[0].info.run_id, "loss"):
+                run_id = runs[0].info.run_id  # epoch 1 is over, epoch 2 has begun
+                break
+            time.sleep(0.5)
+        assert run_id, "no epoch finished:\n" + log_file.read_text(errors="replace")[-3000:]
+        process.send_signal(signal.SIGTERM)
+        returncode = process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    output = log_file.read_text(errors="replace")
+    assert returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert "stopped: SIGTERM" in output
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED"
+    assert 1 <= len(client.get_metric_history(run_id, "loss")) < 1000
+    assert not tiny_project.run_info.exists()
+
+
+def test_an_unreachable_tracking_server_fails_fast_before_training(tiny_project: Paths) -> None:
+    root = tiny_project.root
+    write_params(root / "params.yaml", tiny_params())
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.train"],
+        cwd=root,
+        env=subprocess_env(MLFLOW_TRACKING_URI=uri),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    seconds = time.monotonic() - started
+
+    assert done.returncode == 1, done.stderr
+    assert seconds < 30, f"took {seconds:.0f} s to notice"
+    for words in (uri, "not reachable", "mlflow server", "unset MLFLOW_TRACKING_URI"):
+        assert words in done.stderr
+    assert "Found" not in done.stderr  # the data was never loaded
+    assert not tiny_project.models.exists()
+
+
+# ---------------------------------------------------------------- the project's own store
+
+
+def test_ui_serves_the_project_store_from_anywhere_inside_the_project(tmp_path: Path) -> None:
+    root = tmp_path / "project"
+    inside = root / "pipeline"
+    (root / ".dvc").mkdir(parents=True)
+    inside.mkdir()
+    port = free_port()
+    log_file = tmp_path / "ui.log"
+    with log_file.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.tracking", "ui", "--port", str(port)],
+            cwd=inside,
+            env=subprocess_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/health", process, 120, log_file)
+    finally:
+        stop_process_group(process)
+    assert f"http://127.0.0.1:{port}" in log_file.read_text()
+    assert (root / "mlflow.db").is_file()
+    assert not (inside / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_dvc_exp_run_temp_lands_in_the_project_store_named_after_the_experiment(
+    tmp_path: Path,
+) -> None:
+    from mlflow import MlflowClient
+
+    repo = tmp_path / "repo"
+    shutil.copytree(
+        ROOT / "pipeline", repo / "pipeline", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy(ROOT / name, repo / name)
+    write_params(repo / "params.yaml", tiny_params())
+    env = subprocess_env(PYTHONPATH=None, **GIT_IDENTITY)
+    dvc = [sys.executable, "-m", "dvc"]
+    git(repo, "init", "-q")
+    subprocess.run([*dvc, "init", "-q"], cwd=repo, env=env, check=True)
+    shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")
+    commit = commit_all(repo)
+
+    done = subprocess.run(
+        [*dvc, "exp", "run", "--temp", "--name", "tiny-exp"],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
+
+    assert (repo / "mlflow.db").is_file()
+    assert not list((repo / ".dvc").rglob("mlflow.db"))
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    run = only_run(client, "facial-emotion-recognition")
+    assert run.info.run_name == "tiny-exp"
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["dvc.exp_name"] == "tiny-exp"
+    assert run.data.tags["stage"] == "evaluated"
+    assert run.data.tags["mlflow.source.git.commit"] == commit
+    assert "eval_accuracy" in run.data.metrics
+    assert run.info.artifact_uri.startswith((repo / "mlartifacts").resolve().as_uri())
+    assert list((repo / "mlartifacts").rglob("model.h5"))
+
+    (ref,) = [
+        r for r in git(repo, "for-each-ref", "--format=%(refname)").split() if "tiny-exp" in r
+    ]
+    lock = yaml.safe_load(git(repo, "show", f"{ref}:dvc.lock"))
+    (processed,) = [
+        out for out in lock["stages"]["preprocess"]["outs"] if out["path"] == "data/processed"
+    ]
+    assert run.data.tags["data.md5"] == processed["md5"]
