@@ -1,0 +1,656 @@
+"""`fer-predict`: the emotion of every face in photos, folders, videos or a camera.
+
+Faces are found and levelled by `faces.FaceDetector` / `faces.align_face` and
+turned into model input by `imageops.to_model_input`, with the preprocessing
+params stored inside the model file (`modelmeta.read_model_info`), so a face is
+prepared exactly as the faces the model was trained on. Crops from many files
+are classified together, `--batch-size` at a time.
+
+Output is one JSON line per face (and one per picture or frame without a face,
+or that could not be read):
+
+    {"input": "photo.jpg", "frame": null, "faces": 1, "face": 0, "box": [x, y, w, h],
+     "angle": 2.5, "label": "happy", "probabilities": {"angry": 0.01, ...}, "error": null}
+
+`frame` is the frame index for videos; `angle` the tilt the face was levelled
+by (null with `--no-detect`). A picture without a face gives `"faces": 0` and
+nulls; one that cannot be read gives `"error": "..."`. Exit status: 0, 1 when
+any input failed, 2 for a usage error (bad option, unusable model, no window).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from pipeline.atomic import write_bytes_atomic, write_text_atomic
+from pipeline.faces import FaceDetector, align_face, default_detector
+from pipeline.imageops import IMAGE_SUFFIXES, ImageError, read_image, to_model_input
+from pipeline.logs import setup_logging
+from pipeline.modelmeta import ModelInfo, read_model_info
+from pipeline.paths import Paths
+
+log = logging.getLogger(__name__)
+
+VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm"})
+MODEL_FILE = "model.h5"  # the Keras file inside a model logged by `serving.log_pyfunc_model`
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # runs:/, models:/, s3://; not C:/
+_JPEG_QUALITY = 95
+
+
+class ModelError(ValueError):
+    """The model cannot be used: missing, not loadable, or without its model info."""
+
+
+@dataclass(frozen=True)
+class FaceInput:
+    """One face: where it is, the tilt it was levelled by, and the model input made from it."""
+
+    box: tuple[int, int, int, int]
+    angle: float | None  # None when the whole picture was taken as the face
+    crop: np.ndarray  # picture_size² uint8, from `to_model_input`
+
+
+@dataclass
+class Result:
+    """Everything found in one picture or video frame."""
+
+    input: str
+    frame: int | None = None
+    faces: list[FaceInput] = field(default_factory=list)
+    probabilities: np.ndarray | None = None  # one row per face
+    error: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.input if self.frame is None else f"{self.input} frame {self.frame}"
+
+    def labels(self, classes: Sequence[str]) -> list[tuple[str, float]]:
+        """The top class and its probability, per face."""
+        if self.probabilities is None:
+            return []
+        return [(classes[int(row.argmax())], float(row.max())) for row in self.probabilities]
+
+    def records(self, classes: Sequence[str]) -> list[dict]:
+        """The JSON lines of this picture: one per face, or one saying why there is none."""
+        base = {"input": self.input, "frame": self.frame}
+        empty = {"face": None, "box": None, "angle": None, "label": None, "probabilities": None}
+        if self.error is not None:
+            return [{**base, "faces": None, **empty, "error": self.error}]
+        if not self.faces:
+            return [{**base, "faces": 0, **empty, "error": None}]
+        records = []
+        for index, (face, (label, _)) in enumerate(
+            zip(self.faces, self.labels(classes), strict=True)
+        ):
+            row = self.probabilities[index]
+            records.append(
+                {
+                    **base,
+                    "faces": len(self.faces),
+                    "face": index,
+                    "box": list(face.box),
+                    "angle": None if face.angle is None else round(face.angle, 2),
+                    "label": label,
+                    "probabilities": {
+                        name: round(float(p), 6) for name, p in zip(classes, row, strict=True)
+                    },
+                    "error": None,
+                }
+            )
+        return records
+
+    def summary(self, classes: Sequence[str]) -> str:
+        """One line for a person: `photo.jpg: 1 face — happy 0.87`."""
+        if self.error is not None:
+            return f"{self.name}: error: {self.error}"
+        if not self.faces:
+            return f"{self.name}: no face found"
+        count = len(self.faces)
+        found = ", ".join(f"{label} {p:.2f}" for label, p in self.labels(classes))
+        return f"{self.name}: {count} face{'s' if count > 1 else ''} — {found}"
+
+
+class Predictor:
+    """A trained model with the face preparation it was trained with."""
+
+    def __init__(
+        self,
+        model,
+        info: ModelInfo,
+        batch_size: int = 64,
+        detector: FaceDetector | None = None,
+    ) -> None:
+        size = info.preprocess.picture_size
+        expected = (None, size, size, 1)
+        if tuple(model.input_shape) != expected:
+            raise ModelError(
+                f"the model takes inputs of shape {tuple(model.input_shape)}, but its model "
+                f"info says {size}×{size} grayscale; the file was stamped for another model"
+            )
+        if model.output_shape[-1] != len(info.classes):
+            raise ModelError(
+                f"the model has {model.output_shape[-1]} outputs but its model info names "
+                f"{len(info.classes)} classes"
+            )
+        if batch_size < 1:
+            raise ValueError(f"batch_size: {batch_size} must be at least 1")
+        self.model = model
+        self.info = info
+        self.batch_size = batch_size
+        self._detector = detector
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.info.classes
+
+    @property
+    def detector(self) -> FaceDetector:
+        if self._detector is None:
+            self._detector = default_detector()
+        return self._detector
+
+    def face_inputs(self, gray: np.ndarray, detect: bool = True) -> list[FaceInput]:
+        """The faces in a grayscale picture, largest first, each made into model input.
+
+        With `detect` off the whole picture is the face, as in the FER datasets."""
+        params = self.info.preprocess
+        if not detect:
+            height, width = gray.shape
+            return [FaceInput((0, 0, width, height), None, to_model_input(gray, params))]
+        return [
+            FaceInput(
+                face.box,
+                face.angle,
+                to_model_input(align_face(gray, face, params.face_margin), params),
+            )
+            for face in self.detector.detect(gray)
+        ]
+
+    def probabilities(self, crops: Sequence[np.ndarray], tta: bool = False) -> np.ndarray:
+        """Class probabilities, one row per crop; averaged over `evaluate.tta_views` with `tta`."""
+        from pipeline.evaluate import tta_views
+
+        if len(crops) == 0:
+            return np.zeros((0, len(self.classes)), np.float32)
+        batch = np.stack(crops).astype(np.float32)[..., np.newaxis]
+        parts = []
+        for start in range(0, len(batch), self.batch_size):
+            chunk = batch[start : start + self.batch_size]
+            views = tta_views(chunk) if tta else [chunk]
+            parts.append(
+                np.mean([np.asarray(self.model.predict_on_batch(v)) for v in views], axis=0)
+            )
+        return np.concatenate(parts)
+
+    def classify(self, results: Sequence[Result], tta: bool = False) -> None:
+        """Fill in the probabilities of every face of `results`, in one batched pass."""
+        crops = [face.crop for result in results for face in result.faces]
+        probabilities = self.probabilities(crops, tta)
+        start = 0
+        for result in results:
+            if result.error is None:
+                result.probabilities = probabilities[start : start + len(result.faces)]
+                start += len(result.faces)
+
+
+def is_model_uri(reference: str) -> bool:
+    """True for an MLflow URI (`runs:/…`, `models:/…`, `s3://…`), False for a file path."""
+    return bool(_URI.match(str(reference)))
+
+
+def _load_model_file(path: Path, batch_size: int) -> Predictor:
+    from pipeline.evaluate import load_model
+
+    if not path.is_file():
+        raise ModelError(
+            f"{path}: no model; run the train stage first (dvc repro train) or name one "
+            "with --model"
+        )
+    try:
+        info = read_model_info(path)  # first: it refuses an unstamped model cheaply
+        model = load_model(path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ModelError(str(exc)) from None
+    return Predictor(model, info, batch_size)
+
+
+def _find_model_file(downloaded: Path, uri: str) -> Path:
+    if downloaded.is_file():
+        return downloaded
+    found = sorted(downloaded.rglob(MODEL_FILE))
+    if len(found) != 1:
+        held = ", ".join(sorted(p.name for p in downloaded.iterdir())) or "nothing"
+        raise ModelError(
+            f"{uri}: expected one {MODEL_FILE} in the logged model, found {len(found)} "
+            f"(it holds: {held}); log the model with pipeline.serving.log_pyfunc_model"
+        )
+    return found[0]
+
+
+def load_predictor(reference: str | Path, batch_size: int = 64) -> Predictor:
+    """A model file, or an MLflow model URI whose `model.h5` artifact is downloaded."""
+    if not is_model_uri(str(reference)):
+        return _load_model_file(Path(reference), batch_size)
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    with tempfile.TemporaryDirectory(prefix="fer-model-") as tmp:
+        try:
+            downloaded = mlflow.artifacts.download_artifacts(
+                artifact_uri=str(reference), dst_path=tmp
+            )
+        except (MlflowException, OSError) as exc:
+            message = getattr(exc, "message", None) or str(exc)
+            raise ModelError(
+                f"{reference}: cannot download from MLflow at {mlflow.get_tracking_uri()} "
+                f"({message}); set MLFLOW_TRACKING_URI to the store the model was logged in"
+            ) from None
+        return _load_model_file(_find_model_file(Path(downloaded), str(reference)), batch_size)
+
+
+# --- inputs -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Frame:
+    """One picture or video frame to look at, or the reason it cannot be read."""
+
+    input: str
+    frame: int | None
+    gray: np.ndarray | None = None
+    error: str | None = None
+    picture: np.ndarray | None = None  # BGR copy to draw on, with --annotate
+    annotate_as: Path | None = None  # where its annotated copy goes, below --annotate
+
+
+def _reason(exc: Exception, path: Path) -> str:
+    return str(exc).removeprefix(f"{path}: ")
+
+
+def _picture_for_drawing(path: Path, gray: np.ndarray) -> np.ndarray:
+    """A BGR copy of a picture the way the predictor saw it (EXIF orientation applied)."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as image:
+            upright = ImageOps.exif_transpose(image) or image
+            if upright.mode in ("RGB", "CMYK", "YCbCr"):
+                rgb = np.asarray(upright.convert("RGB"))
+                if rgb.shape[:2] == gray.shape:
+                    return cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    except OSError:
+        pass
+    return cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
+
+
+def _picture_frames(path: Path, name: Path, annotate: bool) -> Iterator[Frame]:
+    try:
+        gray = read_image(path)
+    except ImageError as exc:
+        yield Frame(str(path), None, error=_reason(exc, path))
+        return
+    picture = _picture_for_drawing(path, gray) if annotate else None
+    yield Frame(str(path), None, gray, picture=picture, annotate_as=name)
+
+
+def _video_frames(path: Path, name: Path, every: int, annotate: bool) -> Iterator[Frame]:
+    """Frames 0, every, 2·every, … of a video file."""
+    if not path.is_file():
+        reason = "is a folder, not a video file" if path.is_dir() else "no such file"
+        yield Frame(str(path), None, error=reason)
+        return
+    capture = cv2.VideoCapture(str(path))
+    try:
+        if not capture.isOpened():
+            yield Frame(
+                str(path), None, error="cannot be opened as a video (damaged or unknown codec)"
+            )
+            return
+        index = produced = 0
+        while True:
+            if index % every:
+                if not capture.grab():
+                    break
+            else:
+                ok, bgr = capture.read()
+                if not ok:
+                    break
+                gray = bgr if bgr.ndim == 2 else cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+                picture = None
+                if annotate:
+                    picture = bgr if bgr.ndim == 3 else cv2.cvtColor(bgr, cv2.COLOR_GRAY2BGR)
+                frame_name = name.with_name(f"{name.stem}_frame{index:06d}.png")
+                yield Frame(str(path), index, gray, picture=picture, annotate_as=frame_name)
+                produced += 1
+            index += 1
+        if not produced:
+            yield Frame(str(path), None, error="no frame could be decoded from the video")
+    finally:
+        capture.release()
+
+
+def _file_frames(path: Path, name: Path, every: int, annotate: bool) -> Iterator[Frame]:
+    if path.suffix.lower() in VIDEO_SUFFIXES:
+        return _video_frames(path, name, every, annotate)
+    return _picture_frames(path, name, annotate)
+
+
+def iter_frames(inputs: Iterable[Path], every: int, annotate: bool = False) -> Iterator[Frame]:
+    """The pictures and video frames named by `inputs`; folders are searched recursively
+    for image and video files, in sorted order."""
+    wanted = IMAGE_SUFFIXES | VIDEO_SUFFIXES
+    for path in inputs:
+        if not path.is_dir():
+            yield from _file_frames(path, Path(path.name), every, annotate)
+            continue
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in wanted and p.is_file())
+        if not files:
+            yield Frame(str(path), None, error="folder holds no image or video files")
+        for file in files:
+            name = Path(path.resolve().name or "root", file.relative_to(path))
+            yield from _file_frames(file, name, every, annotate)
+
+
+# --- outputs ----------------------------------------------------------------------------------
+
+
+def draw_result(picture: np.ndarray, result: Result, classes: Sequence[str]) -> np.ndarray:
+    """A copy of a BGR picture with each face's box, label and confidence drawn on it."""
+    out = picture.copy()
+    height, width = out.shape[:2]
+    thickness = max(1, round(min(height, width) / 250))
+    scale = max(0.4, min(height, width) / 700)
+    font = cv2.FONT_HERSHEY_SIMPLEX
+
+    def caption(text: str, x: int, y: int, colour: tuple[int, int, int]) -> None:
+        (tw, th), base = cv2.getTextSize(text, font, scale, thickness)
+        x = min(max(0, x), max(0, width - tw))
+        y = max(th + base, y)
+        cv2.rectangle(out, (x, y - th - base), (x + tw, y), colour, cv2.FILLED)
+        cv2.putText(out, text, (x, y - base), font, scale, (255, 255, 255), thickness, cv2.LINE_AA)
+
+    if not result.faces:
+        caption("no face found", 0, 0, (0, 0, 200))
+        return out
+    for face, (label, p) in zip(result.faces, result.labels(classes), strict=True):
+        x, y, w, h = face.box
+        # the square the crop was cut from, turned like the face (RotatedRect turns clockwise)
+        square = ((x + w / 2, y + h / 2), (w, h), -(face.angle or 0.0))
+        corners = np.round(cv2.boxPoints(square)).astype(np.int32)
+        cv2.polylines(out, [corners], True, (0, 170, 0), thickness, cv2.LINE_AA)
+        caption(f"{label} {p:.2f}", x, y - thickness, (0, 130, 0))
+    return out
+
+
+class Annotator:
+    """Writes annotated copies below one folder, never two to the same name."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self._used: set[Path] = set()
+
+    def _target(self, name: Path) -> Path:
+        if name.suffix.lower() not in IMAGE_SUFFIXES:
+            name = name.with_name(name.name + ".png")
+        target, n = self.folder / name, 1
+        while target in self._used:
+            n += 1
+            target = self.folder / name.with_name(f"{name.stem}-{n}{name.suffix}")
+        self._used.add(target)
+        return target
+
+    def write(self, frame: Frame, result: Result, classes: Sequence[str]) -> Path:
+        target = self._target(frame.annotate_as)
+        drawn = draw_result(frame.picture, result, classes)
+        suffix = target.suffix.lower()
+        options = [cv2.IMWRITE_JPEG_QUALITY, _JPEG_QUALITY] if suffix in (".jpg", ".jpeg") else []
+        ok, encoded = cv2.imencode(suffix, drawn, options)
+        if not ok:
+            raise OSError(f"{target}: OpenCV cannot encode {target.suffix} images")
+        write_bytes_atomic(target, encoded.tobytes())
+        return target
+
+
+@dataclass
+class Report:
+    """Where results go: JSON lines (stdout or a file), annotated copies, a human summary."""
+
+    classes: Sequence[str]
+    out: Path | None = None
+    annotator: Annotator | None = None
+    summary: bool = False
+    failed: int = 0
+    lines: list[str] = field(default_factory=list)  # kept for `out`, written by close()
+
+    def add(self, frame: Frame | None, result: Result) -> None:
+        lines = [json.dumps(r, ensure_ascii=False) for r in result.records(self.classes)]
+        if self.out is None:
+            print("\n".join(lines), flush=True)
+        else:
+            self.lines.extend(lines)
+        if result.error is not None:
+            self.failed += 1
+            log.error("%s: %s", result.name, result.error)
+        elif self.summary:
+            print(result.summary(self.classes), file=sys.stderr)
+        if self.annotator and frame is not None and frame.picture is not None:
+            try:
+                self.annotator.write(frame, result, self.classes)
+            except OSError as exc:
+                self.failed += 1
+                log.error("%s: cannot write its annotated copy (%s)", result.name, exc)
+
+    def close(self) -> None:
+        if self.out is not None:
+            write_text_atomic(self.out, "".join(f"{line}\n" for line in self.lines))
+
+
+def run(
+    predictor: Predictor,
+    frames: Iterable[Frame],
+    report: Report,
+    detect: bool = True,
+    tta: bool = False,
+) -> None:
+    """Find the faces of every frame, classify them `predictor.batch_size` at a time across
+    frames, and report each frame's result in input order."""
+    pending: list[tuple[Frame, Result]] = []
+
+    def flush() -> None:
+        predictor.classify([result for _, result in pending], tta)
+        for frame, result in pending:
+            report.add(frame, result)
+        pending.clear()
+
+    waiting_faces = 0
+    for frame in frames:
+        result = Result(frame.input, frame.frame, error=frame.error)
+        if frame.error is None:
+            try:
+                result.faces = predictor.face_inputs(frame.gray, detect)
+            except (ValueError, cv2.error) as exc:
+                result.error = f"cannot prepare the picture ({exc})"
+        pending.append((frame, result))
+        waiting_faces += len(result.faces)
+        if waiting_faces >= predictor.batch_size or len(pending) >= predictor.batch_size:
+            flush()
+            waiting_faces = 0
+    flush()
+
+
+# --- camera -----------------------------------------------------------------------------------
+
+
+def gui_problem() -> str | None:
+    """Why no window can be opened here, or None when one can."""
+    if re.search(r"^\s*GUI:\s*NONE\s*$", cv2.getBuildInformation(), re.MULTILINE):
+        return (
+            f"this OpenCV ({cv2.__version__}) was built without GUI support, as "
+            "opencv-python-headless is, so it cannot open a window; install opencv-python "
+            "in its place for --camera, or record a video and pass the file"
+        )
+    if sys.platform.startswith("linux") and not (
+        os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+    ):
+        return "no display to open a window on (DISPLAY is not set); record a video instead"
+    return None
+
+
+def run_camera(
+    predictor: Predictor, index: int, every: int, report: Report, detect: bool, tta: bool
+) -> bool:
+    """Show camera `index` live with its faces labelled until q or Esc; False if it won't open."""
+    capture = cv2.VideoCapture(index)
+    if not capture.isOpened():
+        return False
+    window = f"fer-predict: camera {index} (q to quit)"
+    last = Result(f"camera:{index}")
+    try:
+        n = 0
+        while True:
+            ok, bgr = capture.read()
+            if not ok:
+                break
+            if n % every == 0:
+                gray = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+                last = Result(f"camera:{index}", n, predictor.face_inputs(gray, detect))
+                predictor.classify([last], tta)
+                report.add(None, last)
+            cv2.imshow(window, draw_result(bgr, last, predictor.classes))
+            if cv2.waitKey(1) & 0xFF in (ord("q"), 27):
+                break
+            n += 1
+    finally:
+        capture.release()
+        cv2.destroyAllWindows()
+    return True
+
+
+# --- command line -----------------------------------------------------------------------------
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is below 1")
+    return value
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fer-predict",
+        description=(
+            "Find the faces in photos, folders (searched recursively), videos or a camera and "
+            "print the emotion of each as JSON lines. Exit status: 0 done, 1 some input "
+            "failed, 2 usage error."
+        ),
+    )
+    parser.add_argument(
+        "inputs",
+        nargs="*",
+        type=Path,
+        metavar="PATH",
+        help=f"image ({', '.join(sorted(IMAGE_SUFFIXES))}), video "
+        f"({', '.join(sorted(VIDEO_SUFFIXES))}) or folder",
+    )
+    parser.add_argument(
+        "--model",
+        default=str(Paths().model),
+        help="model file, or an MLflow model URI (runs:/<run id>/emotion_model, "
+        "models:/<name>/<version>, models:/<name>@<alias>; the store is MLFLOW_TRACKING_URI) "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--out", type=Path, metavar="FILE", help="write the JSON lines to FILE, not stdout"
+    )
+    parser.add_argument(
+        "--annotate",
+        type=Path,
+        metavar="DIR",
+        help="write copies of the pictures (PNG for video frames) with boxes and labels here",
+    )
+    parser.add_argument(
+        "--every",
+        type=_positive,
+        default=10,
+        metavar="N",
+        help="look at every N-th video or camera frame (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=_positive,
+        default=64,
+        metavar="N",
+        help="faces classified together (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--no-detect",
+        action="store_true",
+        help="each picture is already a cropped face (as in the FER datasets): no detection",
+    )
+    parser.add_argument(
+        "--tta", action="store_true", help="average predictions over flips and shifted crops"
+    )
+    parser.add_argument(
+        "--camera", type=int, metavar="N", help="show camera N live in a window (needs a GUI)"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if args.camera is None and not args.inputs:
+        parser.error("name at least one image, video or folder, or --camera N")
+    if args.camera is not None and args.inputs:
+        parser.error("--camera shows a live camera; it takes no PATH")
+    if args.out is not None and args.out.is_dir():
+        parser.error(f"--out {args.out}: is a folder; name the file to write")
+    setup_logging()
+    if not sys.stderr.isatty():  # MLflow's download progress bar, one line per update
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if args.camera is not None and (problem := gui_problem()):
+        log.error("--camera: %s", problem)
+        return 2
+    try:
+        predictor = load_predictor(args.model, args.batch_size)
+    except ModelError as exc:
+        log.error("%s", exc)
+        return 2
+    annotator = Annotator(args.annotate) if args.annotate else None
+    report = Report(predictor.classes, args.out, annotator, summary=sys.stderr.isatty())
+    detect = not args.no_detect
+    if args.camera is not None:
+        opened = run_camera(predictor, args.camera, args.every, report, detect, args.tta)
+        report.close()
+        if not opened:
+            log.error("camera %d cannot be opened", args.camera)
+            return 1
+        return 0
+    frames = iter_frames(args.inputs, args.every, annotate=annotator is not None)
+    try:
+        run(predictor, frames, report, detect, args.tta)
+    except BrokenPipeError:  # the reader went away (`fer-predict … | head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    report.close()
+    return 1 if report.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
