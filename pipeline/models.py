@@ -2,7 +2,9 @@
 
 Each builder is a pure function `(input_shape, num_classes, params) -> keras.Model`.
 Every model starts with `Rescaling(1/255)`, so it takes the uint8-valued
-pictures the preprocess stage writes and the saved file is self-contained.
+pictures the preprocess stage writes and the saved file is self-contained, and
+ends with a float32 softmax. `flops_per_image` gives a model's forward cost;
+`python -m pipeline.models` lists the zoo with sizes and costs.
 """
 
 from __future__ import annotations
@@ -86,9 +88,10 @@ def _residual_block(x, filters: int, name: str):
     """Two 3×3 convs, the first with stride 2, added to a strided 1×1 projection of the input."""
     shortcut = layers.Conv2D(filters, 1, strides=2, use_bias=False, name=f"{name}_project")(x)
     shortcut = layers.BatchNormalization(name=f"{name}_project_bn")(shortcut)
-    x = layers.Conv2D(filters, 3, strides=2, padding="same", use_bias=False, name=f"{name}_conv1")(
-        x
+    conv1 = layers.Conv2D(
+        filters, 3, strides=2, padding="same", use_bias=False, name=f"{name}_conv1"
     )
+    x = conv1(x)
     x = layers.BatchNormalization(name=f"{name}_bn1")(x)
     x = layers.Activation("relu", name=f"{name}_relu1")(x)
     x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv2")(x)

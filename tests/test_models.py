@@ -1,0 +1,145 @@
+"""The model zoo: the seed network as the notebook built it, and every architecture's contract."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+from keras import layers
+
+from pipeline import CLASSES
+from pipeline.evaluate import load_model
+from pipeline.models import ARCHITECTURES, build_model, flops_per_image, main
+from pipeline.params import ModelParams
+
+SHAPE = (48, 48, 1)
+
+
+def build(arch: str, dropout: float = 0.25) -> keras.Model:
+    return build_model(ModelParams(arch=arch, dropout=dropout), SHAPE, len(CLASSES))
+
+
+@pytest.fixture
+def policy(request):
+    """Build under the dtype policy named by the test's parameter, then restore float32."""
+    keras.mixed_precision.set_global_policy(request.param)
+    yield request.param
+    keras.mixed_precision.set_global_policy("float32")
+
+
+def faces(count: int, seed: int = 0) -> np.ndarray:
+    """A batch of uint8-valued float pictures, as the preprocess stage writes them."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (count, *SHAPE)).astype(np.float32)
+
+
+def test_seed_model_is_the_notebooks_layer_by_layer():
+    model = build("seed")
+    conv_block = [
+        layers.Conv2D,
+        layers.BatchNormalization,
+        layers.Activation,
+        layers.MaxPooling2D,
+        layers.Dropout,
+    ]
+    dense_block = [layers.Dense, layers.BatchNormalization, layers.Activation, layers.Dropout]
+    expected = [
+        layers.InputLayer,
+        layers.Rescaling,
+        *conv_block * 4,
+        layers.Flatten,
+        *dense_block * 2,
+        layers.Dense,
+    ]
+    assert [type(layer) for layer in model.layers] == expected
+
+    convs = [layer for layer in model.layers if isinstance(layer, layers.Conv2D)]
+    assert [c.filters for c in convs] == [64, 128, 512, 512]
+    assert [c.kernel_size for c in convs] == [(3, 3), (5, 5), (3, 3), (3, 3)]
+    assert {c.padding for c in convs} == {"same"}
+    assert [d.units for d in model.layers if isinstance(d, layers.Dense)] == [256, 512, 7]
+    assert {p.pool_size for p in model.layers if isinstance(p, layers.MaxPooling2D)} == {(2, 2)}
+    assert {d.rate for d in model.layers if isinstance(d, layers.Dropout)} == {0.25}
+    relus = [a for a in model.layers if isinstance(a, layers.Activation)]
+    assert {keras.activations.serialize(a.activation) for a in relus} == {"relu"}
+    assert model.layers[1].scale == pytest.approx(1 / 255)
+    assert keras.activations.serialize(model.layers[-1].activation) == "softmax"
+    assert model.count_params() == 4_478_727
+
+
+def test_seed_flops_match_the_hand_count():
+    conv = [  # 2·H·W·k²·Cin·Cout at each block's resolution
+        2 * 48 * 48 * 3 * 3 * 1 * 64,
+        2 * 24 * 24 * 5 * 5 * 64 * 128,
+        2 * 12 * 12 * 3 * 3 * 128 * 512,
+        2 * 6 * 6 * 3 * 3 * 512 * 512,
+    ]
+    dense = [2 * (3 * 3 * 512) * 256, 2 * 256 * 512, 2 * 512 * 7]
+    assert flops_per_image(build("seed")) == sum(conv) + sum(dense) == 580_951_040
+
+
+def test_flops_of_strided_depthwise_and_separable_convolutions():
+    inputs = keras.Input((16, 16, 8))
+    x = layers.DepthwiseConv2D(3, strides=2, padding="same", depth_multiplier=2)(inputs)
+    x = layers.SeparableConv2D(32, 3, padding="valid")(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, layers.Dense(5)(x))
+    depthwise = 2 * 8 * 8 * (3 * 3 * 8 * 2)  # 8×8 outputs, 16 channels
+    separable = 2 * 6 * 6 * (3 * 3 * 16 + 16 * 32)  # 6×6 outputs after a valid 3×3
+    assert flops_per_image(model) == depthwise + separable + 2 * 32 * 5
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_every_architecture_keeps_the_contract(arch):
+    model = build(arch)
+    assert model.input_shape == (None, *SHAPE)
+    assert isinstance(model.layers[1], layers.Rescaling)
+    assert model.layers[1].scale == pytest.approx(1 / 255)
+    head = model.layers[-1]
+    assert isinstance(head, layers.Dense) and head.units == len(CLASSES)
+    assert keras.activations.serialize(head.activation) == "softmax"
+    assert head.dtype_policy.compute_dtype == "float32"
+    if arch != "seed":  # the zoo exists to be cheaper per image than the seed
+        assert flops_per_image(model) < flops_per_image(build("seed")) / 2
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_architectures_use_the_dropout_param(arch):
+    rates = {d.rate for d in build(arch, dropout=0.4).layers if isinstance(d, layers.Dropout)}
+    assert rates == {0.4}
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"], indirect=True)
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_every_architecture_predicts_and_survives_h5(arch, policy, tmp_path):
+    model = build(arch)
+    batch = faces(4)
+    probabilities = model.predict(batch, verbose=0)
+    assert probabilities.shape == (4, len(CLASSES))
+    assert probabilities.dtype == np.float32
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    assert (probabilities >= 0).all()
+
+    path = tmp_path / "model.h5"
+    model.save(path)
+    keras.mixed_precision.set_global_policy("float32")  # as a fresh evaluate process
+    loaded = load_model(path)
+    assert loaded.count_params() == model.count_params()
+    np.testing.assert_array_equal(loaded.predict(batch, verbose=0), probabilities)
+
+
+def test_unknown_arch_is_refused_with_the_allowed_names():
+    with pytest.raises(ValueError, match=r"model\.arch: .alexnet.") as raised:
+        build("alexnet")
+    for name in ARCHITECTURES:
+        assert name in str(raised.value)
+
+
+def test_listing_names_each_architecture_with_its_size_and_cost(capsys):
+    assert main() == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == sorted(ARCHITECTURES)
+    seed = next(line for line in lines if line.startswith("seed "))
+    assert "4,478,727 parameters" in seed
+    assert "0.581 GFLOPs/image" in seed
+    assert "The seed notebook's CNN" in seed
