@@ -1,0 +1,585 @@
+"""The train stage: callbacks and schedules from params, seeded input and augmentation,
+BatchNorm recalibration, and short real trainings on the tiny sample (its outputs, and
+the same weights from the same seed)."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+from conftest import tiny_params
+from PIL import Image
+
+import pipeline
+from pipeline import CLASSES, train
+from pipeline.callbacks import RecalibrateBatchNorm
+from pipeline.dataset import (
+    Split,
+    augment_batch,
+    evaluation_input,
+    load_split,
+    steps_per_epoch,
+    training_input,
+)
+from pipeline.modelmeta import read_model_info
+from pipeline.params import AugmentationParams, TrainParams
+from pipeline.paths import Paths
+
+# two epochs of ~4 steps, BatchNorm recalibrated from 2 batches: seconds, not minutes
+SHORT = {
+    "train.epochs": 2,
+    "train.batch_size": 16,
+    "train.bn_recalibration_batches": 2,
+}
+NO_AUGMENTATION = AugmentationParams(
+    horizontal_flip=False, rotation=0.0, zoom=0.0, translation=0.0, random_erasing=0.0
+)
+
+
+@pytest.fixture(autouse=True)
+def float32_policy():
+    """`train.run` sets the global dtype policy; every test here starts and ends in float32."""
+    keras.mixed_precision.set_global_policy("float32")
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+
+
+def train_params(**overrides: object) -> TrainParams:
+    return tiny_params(**{f"train.{key}": value for key, value in overrides.items()}).train
+
+
+def train_into(root: Path, tiny_data: Paths, **overrides: object):
+    """Train on the tiny sample (linked into `root/data`) with `SHORT` and `overrides`."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "data").symlink_to(tiny_data.root / "data", target_is_directory=True)
+    paths = Paths(root)
+    params = tiny_params(**{**SHORT, **overrides})
+    try:
+        result = train.run(params, paths)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    return params, paths, result
+
+
+def validation_images(paths: Paths) -> np.ndarray:
+    split = load_split(paths.processed / "validation", 48)
+    return np.stack([image.numpy() for image, _ in split.images])
+
+
+def faces(count: int, seed: int = 0) -> np.ndarray:
+    """A float batch in [0, 255] whose left and right halves differ (so a mirror shows)."""
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 200, 48, dtype=np.float32)[None, None, :, None]
+    noise = rng.integers(0, 56, (count, 48, 48, 1)).astype(np.float32)
+    return ramp + noise
+
+
+def augment(images: np.ndarray, seed: tuple[int, int], **parts: object) -> np.ndarray:
+    params = dataclasses.replace(NO_AUGMENTATION, **parts)
+    out = augment_batch(tf.constant(images), tf.constant(seed, tf.int64), params)
+    return out.numpy()
+
+
+# ---------------------------------------------------------------- callbacks from params
+
+
+CALLBACK_CHOICES = [
+    {  # the values params.yaml has
+        "checkpoint.monitor": "val_accuracy",
+        "checkpoint.save_best_only": True,
+        "early_stopping.monitor": "val_loss",
+        "early_stopping.patience": 3,
+        "early_stopping.restore_best_weights": True,
+        "reduce_lr.monitor": "val_loss",
+        "reduce_lr.factor": 0.2,
+        "reduce_lr.patience": 3,
+        "reduce_lr.min_delta": 0.0001,
+    },
+    {  # every value changed
+        "checkpoint.monitor": "val_loss",
+        "checkpoint.save_best_only": False,
+        "early_stopping.monitor": "val_accuracy",
+        "early_stopping.patience": 7,
+        "early_stopping.restore_best_weights": False,
+        "reduce_lr.monitor": "loss",
+        "reduce_lr.factor": 0.5,
+        "reduce_lr.patience": 2,
+        "reduce_lr.min_delta": 0.01,
+    },
+]
+
+
+@pytest.mark.parametrize("choice", CALLBACK_CHOICES, ids=["params.yaml", "changed"])
+def test_plateau_callbacks_take_every_value_from_params(choice: dict, tmp_path: Path) -> None:
+    params = train_params(lr_schedule="plateau", **choice)
+    model_path = tmp_path / "models" / "model.h5"
+
+    checkpoint, stopping, plateau = train.make_callbacks(params, model_path)
+
+    assert isinstance(checkpoint, keras.callbacks.ModelCheckpoint)
+    assert checkpoint.filepath == str(model_path)
+    assert checkpoint.monitor == choice["checkpoint.monitor"]
+    assert checkpoint.save_best_only is choice["checkpoint.save_best_only"]
+    assert isinstance(stopping, keras.callbacks.EarlyStopping)
+    assert stopping.monitor == choice["early_stopping.monitor"]
+    assert stopping.patience == choice["early_stopping.patience"]
+    assert stopping.restore_best_weights is choice["early_stopping.restore_best_weights"]
+    assert isinstance(plateau, keras.callbacks.ReduceLROnPlateau)
+    assert plateau.monitor == choice["reduce_lr.monitor"]
+    assert plateau.factor == choice["reduce_lr.factor"]
+    assert plateau.patience == choice["reduce_lr.patience"]
+    assert plateau.min_delta == choice["reduce_lr.min_delta"]
+
+
+def test_no_early_stopping_when_disabled(tmp_path: Path) -> None:
+    params = train_params(**{"early_stopping.enabled": False})
+    kinds = [type(c) for c in train.make_callbacks(params, tmp_path / "model.h5")]
+    assert kinds == [keras.callbacks.ModelCheckpoint, keras.callbacks.ReduceLROnPlateau]
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
+def test_cosine_and_onecycle_set_each_epochs_rate_instead_of_plateau(
+    schedule: str, tmp_path: Path
+) -> None:
+    params = train_params(lr_schedule=schedule, epochs=6, warmup_epochs=2, learning_rate=0.01)
+    callbacks = train.make_callbacks(params, tmp_path / "model.h5")
+    assert [type(c) for c in callbacks] == [
+        keras.callbacks.ModelCheckpoint,
+        keras.callbacks.EarlyStopping,
+        keras.callbacks.LearningRateScheduler,
+    ]
+    scheduler = callbacks[-1]
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer=train.make_optimizer(params), loss="mse")
+    scheduler.set_model(model)
+    rates = []
+    for epoch in range(params.epochs):
+        scheduler.on_epoch_begin(epoch)
+        rates.append(float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)))
+    expected = [train.learning_rate_at(epoch, params) for epoch in range(params.epochs)]
+    assert rates == pytest.approx(expected, rel=1e-6)
+    assert len(set(np.round(rates, 8))) == params.epochs  # the rate moves every epoch
+
+
+# ---------------------------------------------------------------- schedules and small helpers
+
+
+def test_cosine_warms_up_linearly_then_decays_to_zero() -> None:
+    params = train_params(lr_schedule="cosine", epochs=10, warmup_epochs=2, learning_rate=0.01)
+    rates = [train.learning_rate_at(epoch, params) for epoch in range(10)]
+
+    assert rates[:3] == pytest.approx([0.01 / 3, 0.02 / 3, 0.01])  # (e+1)/(warmup+1), then top
+    assert rates[6] == pytest.approx(0.005)  # half-way through the decay: cos(pi/2)
+    assert all(a > b for a, b in itertools.pairwise(rates[2:]))
+    assert rates[-1] == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi * 7 / 8)))
+    assert rates[-1] < 0.0005
+    # without warm-up it starts at the full rate
+    plain = train_params(lr_schedule="cosine", epochs=10, warmup_epochs=0, learning_rate=0.01)
+    assert train.learning_rate_at(0, plain) == pytest.approx(0.01)
+    assert train.learning_rate_at(5, plain) == pytest.approx(0.005)
+
+
+@pytest.mark.parametrize(("warmup", "peak"), [(0, 3), (5, 5)])  # 0: 30 % of 10 epochs
+def test_onecycle_rises_to_the_rate_then_falls(warmup: int, peak: int) -> None:
+    params = train_params(
+        lr_schedule="onecycle", epochs=10, warmup_epochs=warmup, learning_rate=0.01
+    )
+    rates = [train.learning_rate_at(epoch, params) for epoch in range(10)]
+
+    assert rates[0] == pytest.approx(0.001)  # starts at a tenth
+    assert rates[1] == pytest.approx(0.01 * (0.1 + 0.9 / peak))
+    assert max(rates) == pytest.approx(0.01)
+    assert rates.index(max(rates)) == peak
+    assert all(a < b for a, b in itertools.pairwise(rates[: peak + 1]))
+    assert all(a > b for a, b in itertools.pairwise(rates[peak:]))
+    assert rates[-1] < 0.1 * 0.01
+
+
+def test_balanced_class_weight_is_n_over_k_times_count() -> None:
+    labels = np.array([0, 0, 0, 0, 1, 1, 2, 0])  # 5, 2, 1, and none of class 3
+    weights = train.balanced_class_weight(labels, 4)
+    assert weights == pytest.approx({0: 8 / (4 * 5), 1: 8 / (4 * 2), 2: 8 / (4 * 1), 3: 8 / 4})
+    # each present class then weighs the same in the loss
+    per_class = {c: weights[c] * np.sum(labels == c) for c in (0, 1, 2)}
+    assert len({round(v, 9) for v in per_class.values()}) == 1
+
+
+@pytest.mark.parametrize(
+    ("count", "batch", "mode", "steps"),
+    [
+        (70, 16, "floor", 4),  # 64 of 70 images an epoch, as the seed did
+        (70, 16, "all", 5),
+        (64, 16, "floor", 4),
+        (64, 16, "all", 4),
+        (10, 16, "floor", 1),  # fewer images than a batch still trains
+        (10, 16, "all", 1),
+    ],
+)
+def test_steps_per_epoch(count: int, batch: int, mode: str, steps: int) -> None:
+    assert steps_per_epoch(count, batch, mode) == steps
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16", "mixed_float16"])
+def test_explicit_precision_passes_through(policy: str, monkeypatch) -> None:
+    monkeypatch.setattr(train, "cpu_has_native_bfloat16", lambda: True)
+    assert train.resolve_precision(policy) == policy
+
+
+@pytest.mark.parametrize(
+    ("bf16", "gpus", "policy"),
+    [
+        (False, [], "float32"),
+        (True, [], "mixed_bfloat16"),
+        (True, ["GPU:0"], "mixed_float16"),
+        (False, ["GPU:0"], "mixed_float16"),
+    ],
+)
+def test_auto_precision_follows_the_hardware(bf16: bool, gpus: list, policy: str, monkeypatch):
+    monkeypatch.setattr(train, "cpu_has_native_bfloat16", lambda: bf16)
+    monkeypatch.setattr(
+        tf.config, "list_physical_devices", lambda kind=None: gpus if kind == "GPU" else []
+    )
+    assert train.resolve_precision("auto") == policy
+
+
+def test_best_epoch_is_the_first_best_of_the_monitor() -> None:
+    history = [
+        {"val_accuracy": 0.2, "val_loss": 1.5},
+        {"val_accuracy": 0.4, "val_loss": 1.2},
+        {"val_accuracy": 0.4, "val_loss": 1.1},
+        {"val_accuracy": 0.3, "val_loss": 1.3},
+    ]
+    assert train.best_epoch(history, "val_accuracy") == 2
+    assert train.best_epoch(history, "val_loss") == 3
+
+
+# ---------------------------------------------------------------- augmentation
+
+
+ALL_PARTS = {
+    "horizontal_flip": True,
+    "rotation": 0.05,
+    "zoom": 0.1,
+    "translation": 0.1,
+    "random_erasing": 0.5,
+}
+
+
+def test_augmentation_depends_only_on_its_seed() -> None:
+    images = faces(8)
+    first = augment(images, (42, 3), **ALL_PARTS)
+    again = augment(images, (42, 3), **ALL_PARTS)
+    other_batch = augment(images, (42, 4), **ALL_PARTS)
+    other_seed = augment(images, (7, 3), **ALL_PARTS)
+
+    assert np.array_equal(first, again)
+    assert not np.array_equal(first, other_batch)
+    assert not np.array_equal(first, other_seed)
+    assert not np.array_equal(first, images)
+
+
+def test_no_augmentation_leaves_the_batch_as_it_is() -> None:
+    images = faces(4)
+    assert np.array_equal(augment(images, (1, 2)), images)
+
+
+def test_flip_only_gives_each_image_itself_or_its_mirror() -> None:
+    images = faces(16)
+    out = augment(images, (42, 0), horizontal_flip=True)
+    mirrored = images[:, :, ::-1, :]
+
+    flipped = []
+    for image, result, mirror in zip(images, out, mirrored, strict=True):
+        same, mirror_of = np.array_equal(result, image), np.array_equal(result, mirror)
+        assert same != mirror_of
+        flipped.append(mirror_of)
+    assert 0 < sum(flipped) < len(flipped)  # a coin per image, not per batch
+
+
+@pytest.mark.parametrize(
+    "part", [{"rotation": 0.1}, {"zoom": 0.3}, {"translation": 0.2}, ALL_PARTS]
+)
+def test_geometric_augmentation_keeps_shape_and_value_range(part: dict) -> None:
+    images = faces(8)
+    out = augment(images, (5, 1), **{**part, "random_erasing": 0.0})
+
+    assert out.shape == images.shape
+    assert out.dtype == np.float32
+    # bilinear interpolation of reflected pixels never leaves the input's range
+    assert out.min() >= images.min() - 1e-3
+    assert out.max() <= images.max() + 1e-3
+    for image, result in zip(images, out, strict=True):
+        assert not np.array_equal(image, result)  # every image moved
+
+
+def test_random_erasing_always_replaces_one_rectangle() -> None:
+    images = faces(16)
+    out = augment(images, (3, 9), random_erasing=1.0)
+
+    assert out.shape == images.shape
+    assert out.min() >= 0.0
+    assert out.max() <= 255.0
+    for image, result in zip(images, out, strict=True):
+        changed = (image != result)[..., 0]
+        rows, cols = np.flatnonzero(changed.any(axis=1)), np.flatnonzero(changed.any(axis=0))
+        assert rows.size and cols.size
+        box = np.zeros_like(changed)
+        box[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1] = True
+        assert np.array_equal(changed, box)  # a solid rectangle, nothing outside it
+        assert 0.01 <= box.mean() <= 0.3  # 2-25 % of the area, give or take the pixel grid
+
+    unchanged = augment(images, (3, 9), random_erasing=0.0)
+    assert np.array_equal(unchanged, images)
+
+
+# ---------------------------------------------------------------- the input pipeline
+
+
+def image_ids(split: Split) -> dict[bytes, int]:
+    ids = {image.numpy().tobytes(): index for index, (image, _) in enumerate(split.images)}
+    assert len(ids) == split.count  # every image is told apart by its pixels
+    return ids
+
+
+def take_batches(dataset, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [(x.numpy(), y.numpy()) for x, y in dataset.take(count)]
+
+
+def test_training_batches_repeat_with_the_seed_and_reshuffle_every_epoch(tiny_data: Paths):
+    split = load_split(tiny_data.processed / "train", 48)
+    assert split.count == 70
+    batches = 2 * 70 // 10  # two epochs exactly
+    first = take_batches(training_input(split, 10, 42, NO_AUGMENTATION), batches)
+    again = take_batches(training_input(split, 10, 42, NO_AUGMENTATION), batches)
+    other = take_batches(training_input(split, 10, 43, NO_AUGMENTATION), batches)
+
+    assert all(
+        np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+        for a, b in zip(first, again, strict=True)
+    )
+    ids = image_ids(split)
+    order = [ids[image.tobytes()] for images, _ in first for image in images]
+    labels = [int(label.argmax()) for _, onehot in first for label in onehot]
+    assert labels == [int(split.labels[i]) for i in order]  # labels travel with their image
+    epoch1, epoch2 = order[:70], order[70:]
+    assert sorted(epoch1) == sorted(epoch2) == list(range(70))  # each epoch sees every image
+    assert epoch1 != epoch2  # reshuffled
+    assert epoch1 != list(range(70))
+    other_order = [ids[image.tobytes()] for images, _ in other for image in images]
+    assert other_order[:70] != epoch1
+
+
+def test_training_batches_are_augmented_per_batch_with_the_seed(tiny_data: Paths) -> None:
+    split = load_split(tiny_data.processed / "train", 48)
+    augmentation = AugmentationParams(**ALL_PARTS)
+    first = take_batches(training_input(split, 16, 42, augmentation), 5)
+    again = take_batches(training_input(split, 16, 42, augmentation), 5)
+    plain = take_batches(training_input(split, 16, 42, NO_AUGMENTATION), 5)
+
+    assert [b[0].shape for b in first] == [(16, 48, 48, 1)] * 5  # full batches only
+    for a, b, p in zip(first, again, plain, strict=True):
+        assert np.array_equal(a[0], b[0])
+        assert np.array_equal(a[1], p[1])  # the same images, now augmented
+        assert not np.array_equal(a[0], p[0])
+
+
+def test_validation_batches_keep_file_order(tiny_data: Paths) -> None:
+    split = load_split(tiny_data.processed / "validation", 48)
+    ids = image_ids(split)
+    for _ in range(2):
+        batches = take_batches(evaluation_input(split, 16), 100)
+        assert [len(x) for x, _ in batches] == [16, 16, 16, 16, 6]  # the remainder kept
+        order = [ids[image.tobytes()] for images, _ in batches for image in images]
+        assert order == list(range(70))
+        labels = np.concatenate([y.argmax(axis=1) for _, y in batches])
+        assert np.array_equal(labels, split.labels)
+    assert np.array_equal(np.flatnonzero(np.diff(split.labels) < 0), [])  # class by class
+
+
+# ---------------------------------------------------------------- BatchNorm recalibration
+
+
+def norm_model() -> tuple[keras.Model, keras.layers.BatchNormalization, keras.Model]:
+    """Input → BN → (a nested model: Dense with fixed weights → BN)."""
+    inputs = keras.Input((3,))
+    outer = keras.layers.BatchNormalization(momentum=0.9, name="outer_bn")
+    dense = keras.layers.Dense(2, name="dense")
+    inner = keras.Sequential(
+        [keras.Input((3,)), dense, keras.layers.BatchNormalization(momentum=0.8, name="inner_bn")],
+        name="inner",
+    )
+    model = keras.Model(inputs, inner(outer(inputs)))
+    dense.set_weights([np.array([[1.0, -2.0], [0.5, 1.0], [3.0, 0.0]]), np.array([0.1, -0.3])])
+    return model, outer, inner
+
+
+def test_recalibration_sets_batchnorm_statistics_to_the_average_over_the_batches() -> None:
+    model, outer, inner = norm_model()
+    inner_bn = inner.layers[-1]
+    rng = np.random.default_rng(0)
+    batches = [
+        rng.normal([1.0, -2.0, 5.0], [1.0, 3.0, 0.5], (8, 3)).astype("float32"),
+        rng.normal([4.0, 0.0, -1.0], [2.0, 1.0, 1.5], (8, 3)).astype("float32"),
+        rng.normal(100.0, 50.0, (8, 3)).astype("float32"),  # beyond `batches`, never seen
+    ]
+    callback = RecalibrateBatchNorm(tf.data.Dataset.from_tensor_slices(batches), 2, 5)
+    callback.set_model(model)
+
+    callback.recalibrate()
+
+    eps = outer.epsilon
+    means, variances, inner_means, inner_variances = [], [], [], []
+    for x in batches[:2]:
+        mean, var = x.mean(axis=0), x.var(axis=0)  # the batch's own (biased) statistics
+        means.append(mean)
+        variances.append(var)
+        normalised = (x - mean) / np.sqrt(var + eps)  # gamma 1, beta 0: training mode
+        hidden = normalised @ dense_kernel(inner) + dense_bias(inner)
+        inner_means.append(hidden.mean(axis=0))
+        inner_variances.append(hidden.var(axis=0))
+    np.testing.assert_allclose(outer.moving_mean.numpy(), np.mean(means, axis=0), rtol=1e-5)
+    np.testing.assert_allclose(outer.moving_variance.numpy(), np.mean(variances, axis=0), rtol=1e-5)
+    np.testing.assert_allclose(
+        inner_bn.moving_mean.numpy(), np.mean(inner_means, axis=0), rtol=1e-4, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        inner_bn.moving_variance.numpy(), np.mean(inner_variances, axis=0), rtol=1e-4
+    )
+    assert (outer.momentum, inner_bn.momentum) == (0.9, 0.8)  # restored
+    for layer in (outer, inner_bn):  # weights untouched
+        np.testing.assert_array_equal(layer.gamma.numpy(), np.ones(layer.gamma.shape))
+        np.testing.assert_array_equal(layer.beta.numpy(), np.zeros(layer.beta.shape))
+    np.testing.assert_array_equal(dense_bias(inner), np.float32([0.1, -0.3]))
+
+
+def dense_kernel(inner: keras.Model) -> np.ndarray:
+    return inner.get_layer("dense").kernel.numpy()
+
+
+def dense_bias(inner: keras.Model) -> np.ndarray:
+    return inner.get_layer("dense").bias.numpy()
+
+
+def test_recalibration_runs_after_the_last_step_of_an_epoch_only() -> None:
+    model, outer, _ = norm_model()
+    data = np.random.default_rng(1).normal(3.0, 2.0, (8, 3)).astype("float32")
+    callback = RecalibrateBatchNorm(tf.data.Dataset.from_tensor_slices([data]), 1, 4)
+    callback.set_model(model)
+
+    for step in range(3):
+        callback.on_train_batch_end(step)
+        np.testing.assert_array_equal(outer.moving_mean.numpy(), np.zeros(3))
+    callback.on_train_batch_end(3)
+    np.testing.assert_allclose(outer.moving_mean.numpy(), data.mean(axis=0), rtol=1e-5)
+
+
+# ---------------------------------------------------------------- a short real training
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, tiny_data: Paths):
+    """Two epochs of the seed model on the tiny sample, with the default precision (auto)."""
+    return train_into(tmp_path_factory.mktemp("trained"), tiny_data)
+
+
+@pytest.mark.slow
+def test_training_writes_the_model_and_its_reports(trained) -> None:
+    params, paths, result = trained
+
+    model = keras.models.load_model(paths.model, compile=False)
+    images = validation_images(paths)
+    probabilities = model.predict(images, batch_size=16, verbose=0)
+    assert probabilities.shape == (70, len(CLASSES))
+    assert np.all(probabilities >= 0)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    info = read_model_info(paths.model)
+    assert info.classes == CLASSES
+    assert info.preprocess == params.preprocess
+    assert info.arch == "seed"
+    assert info.pipeline_version == pipeline.__version__
+    # computed in the precision `auto` chose, with float32 probabilities out
+    policy = train.resolve_precision(params.train.precision)
+    assert model.get_layer("conv1").dtype_policy.name == policy
+    assert model.get_layer("emotion").dtype_policy.name == "float32"
+
+    history = pd.read_csv(paths.history)
+    assert list(history.columns) == ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr"]
+    assert history["epoch"].tolist() == [1, 2]
+    for row, logged in zip(history.to_dict("records"), result.history, strict=True):
+        assert row == pytest.approx(logged, rel=1e-5)
+    assert history["lr"].tolist() == pytest.approx([0.001, 0.001])  # plateau never reached
+    assert history[["accuracy", "val_accuracy"]].stack().between(0, 1).all()
+    assert (history[["loss", "val_loss"]] > 0).all().all()
+
+    # the file is the checkpoint of the best val_accuracy epoch, validated as it was saved
+    best = result.best_epoch
+    assert best == train.best_epoch(result.history, "val_accuracy")
+    labels = load_split(paths.processed / "validation", 48).labels
+    accuracy = float(np.mean(probabilities.argmax(axis=1) == labels))
+    assert accuracy == pytest.approx(result.history[best - 1]["val_accuracy"], abs=1e-6)
+
+    summary = paths.model_summary.read_text()
+    for layer in model.layers:
+        assert layer.name in summary
+    assert f"Total params: {model.count_params():,}" in summary
+    assert "4,478,727" in summary  # the seed CNN's size
+
+    with Image.open(paths.training_curves) as figure:
+        width, height = figure.size
+        pixels = np.asarray(figure.convert("L"))
+    # 20 × 10 inches at 100 dpi, less the margins the tight bounding box cuts off
+    assert 1.6 < width / height < 2.2
+    assert 1400 < width <= 2000
+    assert pixels.std() > 5  # drawn on, not blank
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"train.precision": "float32", "train.epochs": 1}],
+    ids=["auto-2-epochs", "float32-1-epoch"],
+)
+def test_the_same_seed_trains_the_same_model(
+    overrides: dict, trained, tiny_data: Paths, tmp_path: Path
+) -> None:
+    if overrides:
+        first_params, first_paths, first = train_into(tmp_path / "first", tiny_data, **overrides)
+    else:  # the module's training is the first run
+        first_params, first_paths, first = trained
+    params, paths, second = train_into(tmp_path / "second", tiny_data, **overrides)
+    assert params == first_params
+
+    assert second.history == first.history
+    assert paths.history.read_bytes() == first_paths.history.read_bytes()
+    images = validation_images(paths)
+    models = [keras.models.load_model(p.model, compile=False) for p in (first_paths, paths)]
+    policy = train.resolve_precision(params.train.precision)
+    assert {m.get_layer("conv1").dtype_policy.name for m in models} == {policy}
+    predictions = [m.predict(images, batch_size=16, verbose=0) for m in models]
+    np.testing.assert_array_equal(predictions[0], predictions[1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batches", [0, 2])
+def test_training_recalibrates_batchnorm_once_an_epoch_when_asked(
+    batches: int, tmp_path: Path, tiny_data: Paths, monkeypatch
+) -> None:
+    calls: list[int] = []
+    original = RecalibrateBatchNorm.recalibrate
+
+    def counting(self: RecalibrateBatchNorm) -> None:
+        calls.append(self.batches)
+        original(self)
+
+    monkeypatch.setattr(RecalibrateBatchNorm, "recalibrate", counting)
+    train_into(
+        tmp_path, tiny_data, **{"train.epochs": 2, "train.bn_recalibration_batches": batches}
+    )
+    assert calls == ([batches, batches] if batches else [])
