@@ -94,23 +94,26 @@ class AugmentationParams:
     random_erasing: float = _range(0.0, 1.0)
 
 
+Monitor = Literal["val_accuracy", "val_loss", "accuracy", "loss"]
+
+
 @dataclass(frozen=True)
 class CheckpointParams:
-    monitor: str
+    monitor: Monitor
     save_best_only: bool
 
 
 @dataclass(frozen=True)
 class EarlyStoppingParams:
     enabled: bool
-    monitor: str
+    monitor: Monitor
     patience: int = _range(0, None)
     restore_best_weights: bool
 
 
 @dataclass(frozen=True)
 class ReduceLRParams:
-    monitor: str
+    monitor: Monitor
     factor: float = _range(0.0, 1.0)
     patience: int = _range(0, None)
     min_delta: float = _range(0.0, None)

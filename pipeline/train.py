@@ -172,93 +172,100 @@ def run(params: Params, paths: Paths, extra_callbacks: list | None = None) -> Tr
     train = params.train
     make_deterministic(train.seed)
     policy = resolve_precision(train.precision)
+    previous_policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(policy)
-    log.info("compute precision: %s (train.precision=%s)", policy, train.precision)
-    size = params.preprocess.picture_size
-    train_split = load_split(paths.processed / "train", size)
-    val_split = load_split(paths.processed / "validation", size)
-    log.info(
-        "Found %d training and %d validation images belonging to %d classes",
-        train_split.count,
-        val_split.count,
-        len(CLASSES),
-    )
-    model = build_model(params.model, (size, size, 1), len(CLASSES))
-    model.compile(
-        optimizer=make_optimizer(train),
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=train.label_smoothing),
-        metrics=["accuracy"],
-    )
-    paths.models.mkdir(parents=True, exist_ok=True)
-    summary = model_summary_text(model)
-    write_text_atomic(paths.model_summary, summary)
+    try:
+        log.info("compute precision: %s (train.precision=%s)", policy, train.precision)
+        size = params.preprocess.picture_size
+        train_split = load_split(paths.processed / "train", size)
+        val_split = load_split(paths.processed / "validation", size)
+        log.info(
+            "Found %d training and %d validation images belonging to %d classes",
+            train_split.count,
+            val_split.count,
+            len(CLASSES),
+        )
+        model = build_model(params.model, (size, size, 1), len(CLASSES))
+        model.compile(
+            optimizer=make_optimizer(train),
+            loss=keras.losses.CategoricalCrossentropy(label_smoothing=train.label_smoothing),
+            metrics=["accuracy"],
+        )
+        paths.models.mkdir(parents=True, exist_ok=True)
+        summary = model_summary_text(model)
+        write_text_atomic(paths.model_summary, summary)
 
-    rates: list[float] = []
-    record_lr = keras.callbacks.LambdaCallback(
-        on_epoch_begin=lambda epoch, logs: rates.append(
-            float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
-        )
-    )
-    # after the schedule, which sets each epoch's rate in its own on_epoch_begin
-    callbacks = [*make_callbacks(train, paths.model), record_lr, *(extra_callbacks or [])]
-    class_weight = (
-        balanced_class_weight(train_split.labels, len(CLASSES))
-        if train.class_weight == "balanced"
-        else None
-    )
-    steps = steps_per_epoch(train_split.count, train.batch_size, train.steps_per_epoch)
-    if train.bn_recalibration_batches:
-        fixed_batches = (
-            train_split.images.shuffle(
-                train_split.count, seed=train.seed, reshuffle_each_iteration=False
+        rates: list[float] = []
+        record_lr = keras.callbacks.LambdaCallback(
+            on_epoch_begin=lambda epoch, logs: rates.append(
+                float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
             )
-            .map(lambda image, label: image)
-            .batch(train.batch_size)
         )
-        callbacks.append(RecalibrateBatchNorm(fixed_batches, train.bn_recalibration_batches, steps))
-    started = time.perf_counter()
-    fit = model.fit(
-        training_input(train_split, train.batch_size, train.seed, train.augmentation),
-        steps_per_epoch=steps,
-        epochs=train.epochs,
-        validation_data=evaluation_input(val_split, train.batch_size),
-        class_weight=class_weight,
-        callbacks=callbacks,
-        shuffle=False,  # the input shuffles itself, with the seed
-        verbose=1 if is_terminal() else 2,
-    )
-    seconds = time.perf_counter() - started
-    write_model_info(paths.model, info_for(params.preprocess, params.model.arch))
-    epochs_run = len(fit.history["loss"])
-    history = [
-        {
-            "epoch": epoch + 1,
-            **{k: float(fit.history[k][epoch]) for k in HISTORY_COLUMNS[1:5]},
-            "lr": rates[epoch],
-        }
-        for epoch in range(epochs_run)
-    ]
-    write_history(history, paths.history)
-    plot_training_curves(
-        history_frame(history), paths.training_curves, optimizer=train.optimizer.title()
-    )
-    result = TrainResult(
-        history=history,
-        best_epoch=best_epoch(history, train.checkpoint.monitor),
-        seconds=seconds,
-        train_images_per_second=epochs_run * steps * train.batch_size / seconds,
-    )
-    log.info(
-        "trained %d epochs in %.0f s (%.0f images/s); best %s %.4f at epoch %d, saved to %s",
-        epochs_run,
-        seconds,
-        result.train_images_per_second,
-        train.checkpoint.monitor,
-        history[result.best_epoch - 1][train.checkpoint.monitor],
-        result.best_epoch,
-        paths.model,
-    )
-    return result
+        # after the schedule, which sets each epoch's rate in its own on_epoch_begin
+        callbacks = [*make_callbacks(train, paths.model), record_lr, *(extra_callbacks or [])]
+        class_weight = (
+            balanced_class_weight(train_split.labels, len(CLASSES))
+            if train.class_weight == "balanced"
+            else None
+        )
+        steps = steps_per_epoch(train_split.count, train.batch_size, train.steps_per_epoch)
+        if train.bn_recalibration_batches:
+            fixed_batches = (
+                train_split.images.shuffle(
+                    train_split.count, seed=train.seed, reshuffle_each_iteration=False
+                )
+                .map(lambda image, label: image)
+                .batch(train.batch_size)
+            )
+            callbacks.append(
+                RecalibrateBatchNorm(fixed_batches, train.bn_recalibration_batches, steps)
+            )
+        started = time.perf_counter()
+        fit = model.fit(
+            training_input(train_split, train.batch_size, train.seed, train.augmentation),
+            steps_per_epoch=steps,
+            epochs=train.epochs,
+            validation_data=evaluation_input(val_split, train.batch_size),
+            class_weight=class_weight,
+            callbacks=callbacks,
+            shuffle=False,  # the input shuffles itself, with the seed
+            verbose=1 if is_terminal() else 2,
+        )
+        seconds = time.perf_counter() - started
+        write_model_info(paths.model, info_for(params.preprocess, params.model.arch))
+        epochs_run = len(fit.history["loss"])
+        history = [
+            {
+                "epoch": epoch + 1,
+                **{k: float(fit.history[k][epoch]) for k in HISTORY_COLUMNS[1:5]},
+                "lr": rates[epoch],
+            }
+            for epoch in range(epochs_run)
+        ]
+        write_history(history, paths.history)
+        plot_training_curves(
+            history_frame(history), paths.training_curves, optimizer=train.optimizer.title()
+        )
+        result = TrainResult(
+            history=history,
+            best_epoch=best_epoch(history, train.checkpoint.monitor),
+            seconds=seconds,
+            train_images_per_second=epochs_run * steps * train.batch_size / seconds,
+        )
+        log.info(
+            "trained %d epochs in %.0f s (%.0f images/s); best %s %.4f at epoch %d, saved to %s",
+            epochs_run,
+            seconds,
+            result.train_images_per_second,
+            train.checkpoint.monitor,
+            history[result.best_epoch - 1][train.checkpoint.monitor],
+            result.best_epoch,
+            paths.model,
+        )
+        return result
+    finally:
+        # leave the process as it was: later models in it compute in their own precision
+        keras.mixed_precision.set_global_policy(previous_policy)
 
 
 def history_frame(history: list[dict[str, float]]):
