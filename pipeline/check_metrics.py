@@ -14,6 +14,7 @@ unknown revision, a metric absent from either side), which is never a pass.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -43,6 +44,7 @@ class Verdict:
     baseline: float
     new: float
     tolerance: float
+    both_ways: bool = False  # also fail when it got better by more than the tolerance
 
     @property
     def lower_is_better(self) -> bool:
@@ -62,9 +64,15 @@ class Verdict:
         return not math.isfinite(self.new) or self.worsening > self.tolerance
 
     @property
+    def failed(self) -> bool:
+        return self.regressed or (self.both_ways and -self.worsening > self.tolerance)
+
+    @property
     def label(self) -> str:
         if self.regressed:
             return "REGRESSION"
+        if self.failed:
+            return "NOT REPRODUCED"
         return "better" if self.worsening < 0 else "ok"
 
 
@@ -187,6 +195,12 @@ def main(argv: list[str] | None = None) -> int:
         "--metrics", type=Path, default=Paths().metrics, help="new metrics (default: %(default)s)"
     )
     parser.add_argument("--params", type=Path, default=PARAMS_FILE, help="params file")
+    parser.add_argument(
+        "--reproduce",
+        action="store_true",
+        help="check a rerun of the baseline: a metric also fails when it got better by "
+        "more than its tolerance",
+    )
     args = parser.parse_args(argv)
     setup_logging()
     try:
@@ -194,16 +208,22 @@ def main(argv: list[str] | None = None) -> int:
         new = read_metrics_file(args.metrics)
         baseline, where = read_baseline(args.baseline, args.metrics)
         verdicts = compare(baseline, new, tolerances, (where, str(args.metrics)))
+        if args.reproduce:
+            verdicts = [dataclasses.replace(v, both_ways=True) for v in verdicts]
     except (ParamsError, GateError) as exc:
         log.error("cannot check the metrics: %s", exc)
         return ERROR
     print(f"baseline: {where}\nnew:      {args.metrics}\n")
     print(format_table(verdicts))
-    failed = [v for v in verdicts if v.regressed]
+    failed = [v for v in verdicts if v.failed]
     if failed:
-        print(f"\nFAILED: {', '.join(v.metric for v in failed)} got worse than allowed")
+        how = "moved further from the baseline" if args.reproduce else "got worse"
+        print(f"\nFAILED: {', '.join(v.metric for v in failed)} {how} than allowed")
         return REGRESSION
-    print("\npassed: no gated metric got worse than allowed")
+    if args.reproduce:
+        print("\npassed: every gated metric is within its tolerance of the baseline")
+    else:
+        print("\npassed: no gated metric got worse than allowed")
     return PASS
 
 

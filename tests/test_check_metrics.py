@@ -197,3 +197,21 @@ def test_the_module_runs_as_a_command(repo: Path) -> None:
     )
     assert done.returncode == check_metrics.REGRESSION
     assert "REGRESSION" in done.stdout
+
+
+def test_reproduce_also_fails_a_metric_that_moved_up_beyond_its_tolerance(
+    repo: Path, capsys
+) -> None:
+    new_metrics(repo, accuracy=0.65)  # baseline 0.60, tolerance 0.02: better, but not a rerun
+
+    assert check_metrics.main([]) == check_metrics.PASS
+    assert table_rows(capsys.readouterr().out)["accuracy"][-1] == "better"
+
+    assert check_metrics.main(["--reproduce"]) == check_metrics.REGRESSION
+    out = capsys.readouterr().out
+    assert table_rows(out)["accuracy"][-1] == "REPRODUCED"  # "NOT REPRODUCED", split
+    assert "FAILED: accuracy moved further from the baseline" in out
+
+    new_metrics(repo, accuracy=0.61, f1_macro=0.49, loss=1.09)
+    assert check_metrics.main(["--reproduce"]) == check_metrics.PASS
+    assert "within its tolerance of the baseline" in capsys.readouterr().out
