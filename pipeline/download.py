@@ -6,20 +6,16 @@ Kaggle, a local archive or a local folder.
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 from pathlib import Path
 
 from pipeline import CLASSES, sources
 from pipeline.atomic import write_json_atomic
-from pipeline.logs import setup_logging
-from pipeline.params import DataParams, ParamsError, load_params
-from pipeline.paths import PARAMS_FILE, Paths
+from pipeline.cli import run_stage
+from pipeline.params import DataParams
+from pipeline.paths import Paths
 from pipeline.sample import generate_sample
 from pipeline.sources import SourceError
-
-log = logging.getLogger(__name__)
 
 Counts = dict[str, dict[str, int]]
 
@@ -62,23 +58,13 @@ def run(data: DataParams, paths: Paths) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline.download",
+    return run_stage(
+        argv,
+        stage="download",
         description="Fetch the raw face images (stage `download`) as params.yaml `data` says.",
+        work=lambda params, paths: run(params.data, paths),
+        errors=(SourceError,),
     )
-    parser.add_argument("--params", type=Path, default=PARAMS_FILE, help="params file")
-    args = parser.parse_args(argv)
-    setup_logging()
-    try:
-        params = load_params(args.params)
-        run(params.data, Paths())
-    except ParamsError as exc:
-        log.error("invalid params: %s", exc)
-        return 2
-    except SourceError as exc:
-        log.error("%s", exc)
-        return 1
-    return 0
 
 
 if __name__ == "__main__":

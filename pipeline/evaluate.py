@@ -9,20 +9,15 @@ The metrics and reports join the training's MLflow run (`pipeline.tracking`).
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from pipeline import CLASSES
-from pipeline.logs import setup_logging
-from pipeline.params import ParamsError, load_params
-from pipeline.paths import PARAMS_FILE, Paths
-from pipeline.tracking import Terminated, TrackingError, evaluate_tracked
-
-log = logging.getLogger(__name__)
+from pipeline.cli import run_stage
+from pipeline.paths import Paths
+from pipeline.tracking import TrackingError, evaluate_tracked
 
 
 def load_model(path: Path):
@@ -155,26 +150,13 @@ def run(params, paths: Paths) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline.evaluate",
+    return run_stage(
+        argv,
+        stage="evaluate",
         description="Score models/model.h5 on the validation images (stage `evaluate`).",
+        work=evaluate_tracked,
+        errors=(FileNotFoundError, ValueError, TrackingError),
     )
-    parser.add_argument("--params", type=Path, default=PARAMS_FILE, help="params file")
-    args = parser.parse_args(argv)
-    setup_logging()
-    try:
-        params = load_params(args.params)
-        evaluate_tracked(params, Paths())
-    except ParamsError as exc:
-        log.error("invalid params: %s", exc)
-        return 2
-    except (FileNotFoundError, ValueError, TrackingError) as exc:
-        log.error("%s", exc)
-        return 1
-    except KeyboardInterrupt as exc:
-        log.error("stopped: %s", exc or "Ctrl-C")
-        return 143 if isinstance(exc, Terminated) else 130
-    return 0
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ layout Keras reads. Unreadable files are skipped and listed with their reason.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import multiprocessing
 import os
@@ -23,10 +22,11 @@ from tqdm import tqdm
 
 from pipeline import CLASSES
 from pipeline.atomic import atomic_dir, write_json_atomic
+from pipeline.cli import run_stage
 from pipeline.imageops import IMAGE_SUFFIXES, ImageError, encode_png, read_image, to_model_input
-from pipeline.logs import is_terminal, setup_logging
-from pipeline.params import ParamsError, PreprocessParams, load_params
-from pipeline.paths import PARAMS_FILE, Paths
+from pipeline.logs import is_terminal
+from pipeline.params import PreprocessParams
+from pipeline.paths import Paths
 
 log = logging.getLogger(__name__)
 
@@ -219,23 +219,13 @@ def _describe(params: PreprocessParams) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline.preprocess",
+    return run_stage(
+        argv,
+        stage="preprocess",
         description="Turn data/raw into model-ready faces in data/processed (stage `preprocess`).",
+        work=lambda params, paths: run(params.preprocess, paths),
+        errors=(PreprocessError,),
     )
-    parser.add_argument("--params", type=Path, default=PARAMS_FILE, help="params file")
-    args = parser.parse_args(argv)
-    setup_logging()
-    try:
-        params = load_params(args.params)
-        run(params.preprocess, Paths())
-    except ParamsError as exc:
-        log.error("invalid params: %s", exc)
-        return 2
-    except PreprocessError as exc:
-        log.error("%s", exc)
-        return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -58,6 +58,8 @@ class TrackingError(RuntimeError):
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so that the run ends KILLED and outputs stay whole."""
 
+    exit_status = 143  # 128 + SIGTERM, as a shell reports it
+
 
 @dataclass(frozen=True)
 class RunInfo:

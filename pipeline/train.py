@@ -11,7 +11,6 @@ Each training is one MLflow run (`pipeline.tracking`); its id goes to
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import sys
@@ -19,10 +18,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.logs import is_terminal, setup_logging
-from pipeline.params import Params, ParamsError, TrainParams, load_params
-from pipeline.paths import PARAMS_FILE, Paths
-from pipeline.tracking import Terminated, TrackingError, train_tracked
+from pipeline.cli import run_stage
+from pipeline.logs import is_terminal
+from pipeline.params import Params, TrainParams
+from pipeline.paths import Paths
+from pipeline.tracking import TrackingError, train_tracked
 
 log = logging.getLogger(__name__)
 
@@ -275,26 +275,13 @@ def history_frame(history: list[dict[str, float]]):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline.train",
+    return run_stage(
+        argv,
+        stage="train",
         description="Train the emotion CNN on data/processed (stage `train`).",
+        work=train_tracked,
+        errors=(FileNotFoundError, ValueError, TrackingError),
     )
-    parser.add_argument("--params", type=Path, default=PARAMS_FILE, help="params file")
-    args = parser.parse_args(argv)
-    setup_logging()
-    try:
-        params = load_params(args.params)
-        train_tracked(params, Paths())
-    except ParamsError as exc:
-        log.error("invalid params: %s", exc)
-        return 2
-    except (FileNotFoundError, ValueError, TrackingError) as exc:
-        log.error("%s", exc)
-        return 1
-    except KeyboardInterrupt as exc:
-        log.error("stopped: %s", exc or "Ctrl-C")
-        return 143 if isinstance(exc, Terminated) else 130
-    return 0
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from pipeline.paths import Paths
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "pipeline"
 # Shared plumbing every stage uses; listing them would rerun everything on any edit.
-NOT_DEPS = frozenset({"__init__", "params", "paths", "atomic", "logs"})
+NOT_DEPS = frozenset({"__init__", "params", "paths", "atomic", "logs", "cli"})
 # Packs the predictor into the MLflow model: it records the outputs, never changes them,
 # so what it runs is not followed (dvc.yaml says why).
 MLFLOW_PACKAGING = frozenset({"serving"})
