@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import keras
 import pytest
+from conftest import tiny_params
 
 from pipeline import bench
-from tests.conftest import tiny_params
 
 
 @pytest.mark.slow
