@@ -63,6 +63,21 @@ def build_seed_model(
     return keras.Model(inputs, outputs, name="seed")
 
 
+def _stem(input_shape: tuple[int, int, int]):
+    """Input, rescaling to [0, 1] and a 3×3 convolution with 32 filters, BN and ReLU."""
+    inputs = keras.Input(shape=input_shape, name="image")
+    x = layers.Rescaling(1.0 / 255, name="rescale")(inputs)
+    x = layers.Conv2D(32, 3, padding="same", use_bias=False, name="stem_conv")(x)
+    x = layers.BatchNormalization(name="stem_bn")(x)
+    return inputs, layers.Activation("relu", name="stem_relu")(x)
+
+
+def _pooled_classifier(x, num_classes: int):
+    """Global average pooling and a float32 softmax."""
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    return layers.Dense(num_classes, activation="softmax", dtype="float32", name="emotion")(x)
+
+
 @register("vgg")
 def build_vgg_model(
     input_shape: tuple[int, int, int], num_classes: int, params: ModelParams
@@ -105,16 +120,11 @@ def build_resnet_model(
     input_shape: tuple[int, int, int], num_classes: int, params: ModelParams
 ) -> keras.Model:
     """ResNet-style: a 3×3 stem (32), then residual blocks of 64, 128, 256 at strides 2, GAP."""
-    inputs = keras.Input(shape=input_shape, name="image")
-    x = layers.Rescaling(1.0 / 255, name="rescale")(inputs)
-    x = layers.Conv2D(32, 3, padding="same", use_bias=False, name="stem_conv")(x)
-    x = layers.BatchNormalization(name="stem_bn")(x)
-    x = layers.Activation("relu", name="stem_relu")(x)
+    inputs, x = _stem(input_shape)
     for stage, filters in enumerate([64, 128, 256], start=1):
         x = _residual_block(x, filters, f"stage{stage}")
         x = layers.Dropout(params.dropout, name=f"stage{stage}_dropout")(x)
-    x = layers.GlobalAveragePooling2D(name="gap")(x)
-    outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="emotion")(x)
+    outputs = _pooled_classifier(x, num_classes)
     return keras.Model(inputs, outputs, name="resnet")
 
 
@@ -138,16 +148,11 @@ def build_xception_model(
     input_shape: tuple[int, int, int], num_classes: int, params: ModelParams
 ) -> keras.Model:
     """Mini-Xception, widened: a 3×3 stem (32), separable residual modules 64-512, GAP."""
-    inputs = keras.Input(shape=input_shape, name="image")
-    x = layers.Rescaling(1.0 / 255, name="rescale")(inputs)
-    x = layers.Conv2D(32, 3, padding="same", use_bias=False, name="stem_conv")(x)
-    x = layers.BatchNormalization(name="stem_bn")(x)
-    x = layers.Activation("relu", name="stem_relu")(x)
+    inputs, x = _stem(input_shape)
     for stage, filters in enumerate([64, 128, 256, 512], start=1):
         x = _separable_module(x, filters, f"module{stage}")
         x = layers.Dropout(params.dropout, name=f"module{stage}_dropout")(x)
-    x = layers.GlobalAveragePooling2D(name="gap")(x)
-    outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="emotion")(x)
+    outputs = _pooled_classifier(x, num_classes)
     return keras.Model(inputs, outputs, name="xception")
 
 
