@@ -43,6 +43,15 @@ def write_params(path: Path, params: Params) -> Path:
     return path
 
 
+# CI has no git identity: every test that commits gives this one to git and DVC.
+GIT_IDENTITY = {
+    "GIT_AUTHOR_NAME": "Test",
+    "GIT_AUTHOR_EMAIL": "test@example.invalid",
+    "GIT_COMMITTER_NAME": "Test",
+    "GIT_COMMITTER_EMAIL": "test@example.invalid",
+}
+
+
 def subprocess_env(**changes: str | None) -> dict[str, str]:
     """This environment for a child `python -m pipeline.*`: the project importable, this
     Python's tools first on PATH, no DVC or MLflow variables leaking in; `changes` on top

@@ -9,17 +9,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, subprocess_env
+from conftest import GIT_IDENTITY, ROOT, subprocess_env
 
 from pipeline import check_metrics
 from pipeline.params import read_raw_params
 
-GIT_IDENTITY = {
-    "GIT_AUTHOR_NAME": "Test",
-    "GIT_AUTHOR_EMAIL": "test@example.invalid",
-    "GIT_COMMITTER_NAME": "Test",
-    "GIT_COMMITTER_EMAIL": "test@example.invalid",
-}
 BASELINE = {
     "accuracy": 0.60,
     "loss": 1.10,

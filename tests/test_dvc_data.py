@@ -22,6 +22,7 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 import yaml
+from conftest import GIT_IDENTITY
 
 from pipeline.paths import Paths
 
@@ -259,10 +260,7 @@ def _env(repo: Path) -> dict[str, str]:
     env.update(
         PATH=venv_bin + os.pathsep + env.get("PATH", ""),
         PYTHONPATH=str(repo),
-        GIT_AUTHOR_NAME="Test",
-        GIT_AUTHOR_EMAIL="test@example.com",
-        GIT_COMMITTER_NAME="Test",
-        GIT_COMMITTER_EMAIL="test@example.com",
+        **GIT_IDENTITY,
         DVC_NO_ANALYTICS="1",
         CI="1",
     )

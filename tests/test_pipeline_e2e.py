@@ -13,18 +13,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, subprocess_env, tiny_params, write_params
+from conftest import GIT_IDENTITY, ROOT, subprocess_env, tiny_params, write_params
 from PIL import Image
 
 from pipeline.paths import Paths
 
 STAGES = ["download", "preprocess", "train", "evaluate"]
-GIT_IDENTITY = {
-    "GIT_AUTHOR_NAME": "Test",
-    "GIT_AUTHOR_EMAIL": "test@example.invalid",
-    "GIT_COMMITTER_NAME": "Test",
-    "GIT_COMMITTER_EMAIL": "test@example.invalid",
-}
 # files DVC caches, and the MLflow store: never for git
 NOT_FOR_GIT = ("data/raw", "data/processed", "models/model.h5", "models/run.json", "mlflow.db")
 

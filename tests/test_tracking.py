@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import (
+    GIT_IDENTITY,
     ROOT,
     free_port,
     stop_process_group,
@@ -32,12 +33,6 @@ from pipeline import CLASSES, tracking
 from pipeline.params import flatten
 from pipeline.paths import Paths
 
-GIT_IDENTITY = {
-    "GIT_AUTHOR_NAME": "Test",
-    "GIT_AUTHOR_EMAIL": "test@example.invalid",
-    "GIT_COMMITTER_NAME": "Test",
-    "GIT_COMMITTER_EMAIL": "test@example.invalid",
-}
 EPOCH_CURVES = ("loss", "accuracy", "val_loss", "val_accuracy", "lr")
 TRAINING_ARTIFACTS = {
     "models/model.h5",
