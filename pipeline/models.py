@@ -46,27 +46,35 @@ def _dense_block(x, units: int, dropout: float, index: int):
     return layers.Dropout(dropout, name=f"dense_dropout{index}")(x)
 
 
+def _rescaled_input(input_shape: tuple[int, int, int]):
+    """The model's input and its scaling to [0, 1], so a saved model takes raw pixels."""
+    inputs = keras.Input(shape=input_shape, name="image")
+    return inputs, layers.Rescaling(1.0 / 255, name="rescale")(inputs)
+
+
+def _softmax(x, num_classes: int):
+    """Class probabilities in float32, exact under a mixed-precision policy too."""
+    return layers.Dense(num_classes, activation="softmax", dtype="float32", name="emotion")(x)
+
+
 @register("seed")
 def build_seed_model(
     input_shape: tuple[int, int, int], num_classes: int, params: ModelParams
 ) -> keras.Model:
     """The seed notebook's CNN: four conv blocks (64·3², 128·5², 512·3², 512·3²), Dense 256, 512."""
-    inputs = keras.Input(shape=input_shape, name="image")
-    x = layers.Rescaling(1.0 / 255, name="rescale")(inputs)
+    inputs, x = _rescaled_input(input_shape)
     for index, (filters, kernel) in enumerate([(64, 3), (128, 5), (512, 3), (512, 3)], start=1):
         x = _conv_block(x, filters, kernel, params.dropout, index)
     x = layers.Flatten(name="flatten")(x)
     x = _dense_block(x, 256, params.dropout, 1)
     x = _dense_block(x, 512, params.dropout, 2)
-    # float32 output keeps probabilities exact under a mixed-precision policy
-    outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="emotion")(x)
+    outputs = _softmax(x, num_classes)
     return keras.Model(inputs, outputs, name="seed")
 
 
 def _stem(input_shape: tuple[int, int, int]):
     """Input, rescaling to [0, 1] and a 3×3 convolution with 32 filters, BN and ReLU."""
-    inputs = keras.Input(shape=input_shape, name="image")
-    x = layers.Rescaling(1.0 / 255, name="rescale")(inputs)
+    inputs, x = _rescaled_input(input_shape)
     x = layers.Conv2D(32, 3, padding="same", use_bias=False, name="stem_conv")(x)
     x = layers.BatchNormalization(name="stem_bn")(x)
     return inputs, layers.Activation("relu", name="stem_relu")(x)
@@ -75,7 +83,7 @@ def _stem(input_shape: tuple[int, int, int]):
 def _pooled_classifier(x, num_classes: int):
     """Global average pooling and a float32 softmax."""
     x = layers.GlobalAveragePooling2D(name="gap")(x)
-    return layers.Dense(num_classes, activation="softmax", dtype="float32", name="emotion")(x)
+    return _softmax(x, num_classes)
 
 
 @register("vgg")
@@ -83,8 +91,7 @@ def build_vgg_model(
     input_shape: tuple[int, int, int], num_classes: int, params: ModelParams
 ) -> keras.Model:
     """VGG-style: four blocks of two 3×3 convs (32, 64, 128, 256), global average pooling."""
-    inputs = keras.Input(shape=input_shape, name="image")
-    x = layers.Rescaling(1.0 / 255, name="rescale")(inputs)
+    inputs, x = _rescaled_input(input_shape)
     for block, filters in enumerate([32, 64, 128, 256], start=1):
         for conv in (1, 2):
             name = f"block{block}_conv{conv}"
@@ -95,7 +102,7 @@ def build_vgg_model(
         x = layers.Dropout(params.dropout, name=f"block{block}_dropout")(x)
     x = layers.GlobalAveragePooling2D(name="gap")(x)
     x = _dense_block(x, 256, params.dropout, 1)
-    outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="emotion")(x)
+    outputs = _softmax(x, num_classes)
     return keras.Model(inputs, outputs, name="vgg")
 
 
