@@ -117,7 +117,9 @@ def run(params, paths: Paths) -> dict:
     from pipeline.atomic import write_json_atomic, write_text_atomic
     from pipeline.dataset import load_split
     from pipeline.figures import plot_confusion
+    from pipeline.train import make_deterministic
 
+    make_deterministic(params.train.seed)
     model = load_model(paths.model)
     split = load_split(paths.processed / "validation", params.preprocess.picture_size)
     images = np.stack([image.numpy() for image, _ in split.images])
