@@ -1,0 +1,171 @@
+"""Named recipes: tested sets of params that `dvc exp run` applies on top of params.yaml.
+
+A recipe is `recipes/<name>.yaml`, in params.yaml's layout, holding only the keys it
+changes; its leading comment says what it is for and what it measured. Run one with
+
+    python -m pipeline.recipes run <name> -S data.source=archive -S data.archive=/abs/path.zip
+
+which checks the recipe and your `-S` overrides against the params schema and then runs
+`dvc exp run -n <name>-<date>-<time> -S key=value ...` (your `-S` after the recipe's, so
+they win). `--queue` and `--temp` are passed on to DVC. `list` names the recipes and
+`show <name>` prints the `dvc exp run` command without running it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.params import ParamsError, load_params
+from pipeline.paths import PARAMS_FILE
+
+RECIPES_DIR = Path("recipes")
+
+
+class RecipeError(ValueError):
+    """A recipe is missing, malformed, or sets a key params.yaml does not have."""
+
+
+def available(folder: Path = RECIPES_DIR) -> dict[str, Path]:
+    """Recipe names and their files."""
+    return {path.stem: path for path in sorted(Path(folder).glob("*.yaml"))}
+
+
+def description(path: Path) -> str:
+    """The first line of a recipe's leading comment."""
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+        if line.strip():
+            break
+    return ""
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        flat: dict[str, Any] = {}
+        for key, value in node.items():
+            flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return flat
+    return {prefix: node}
+
+
+def load_recipe(name: str, folder: Path = RECIPES_DIR) -> dict[str, Any]:
+    """A recipe's settings as dotted keys, e.g. {"train.epochs": 28}."""
+    recipes = available(folder)
+    if name not in recipes:
+        allowed = ", ".join(recipes) or f"none: {folder}/ has no .yaml files"
+        raise RecipeError(f"{name!r} is not a recipe in {folder}/; allowed: {allowed}")
+    path = recipes[name]
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict) or not raw:
+        raise RecipeError(f"{path}: expected params groups such as 'train:', found {raw!r}")
+    return _flatten(raw)
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`key=value` strings, with values read as YAML the way `dvc exp run -S` reads them."""
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"-S {pair!r}: expected key=value, e.g. -S train.epochs=30")
+        try:
+            overrides[key] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"-S {pair!r}: the value is not valid YAML: {exc}") from None
+    return overrides
+
+
+def yaml_value(value: Any) -> str:
+    """A value as `-S` text that DVC reads back as the same value."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+    return text.removesuffix("...").strip()
+
+
+def command(
+    name: str,
+    overrides: list[str],
+    dvc_args: list[str],
+    params_file: Path = PARAMS_FILE,
+    folder: Path = RECIPES_DIR,
+    experiment: str | None = None,
+) -> list[str]:
+    """The `dvc exp run` command of a recipe, after checking the merged params."""
+    settings = load_recipe(name, folder)
+    extra = parse_overrides(overrides)
+    try:
+        load_params(params_file, {**settings, **extra})
+    except ParamsError as exc:
+        raise RecipeError(f"recipe {name!r}: {exc}") from None
+    experiment = experiment or f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    argv = ["dvc", "exp", "run", "-n", experiment]
+    for key, value in settings.items():
+        argv += ["-S", f"{key}={yaml_value(value)}"]
+    for pair in overrides:
+        argv += ["-S", pair]
+    return argv + dvc_args
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.recipes",
+        description="Run a named recipe from recipes/ as a DVC experiment.",
+    )
+    sub = parser.add_subparsers(dest="action", required=True)
+    sub.add_parser("list", help="name the recipes")
+    for action, text in (
+        ("show", "print the dvc exp run command of a recipe"),
+        ("run", "run a recipe with dvc exp run"),
+    ):
+        cmd = sub.add_parser(action, help=text)
+        cmd.add_argument("name", help="a recipe, as named by `list`")
+        cmd.add_argument(
+            "-S",
+            "--set-param",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="a param on top of the recipe, e.g. -S data.archive=/data/fer2013.zip",
+        )
+        cmd.add_argument("-n", "--name", dest="experiment", help="experiment name")
+        cmd.add_argument("--queue", action="store_true", help="queue it (dvc exp run --queue)")
+        cmd.add_argument("--temp", action="store_true", help="run it in a temporary folder")
+    args = parser.parse_args(argv)
+
+    if args.action == "list":
+        recipes = available()
+        if not recipes:
+            print(f"no recipes in {RECIPES_DIR}/", file=sys.stderr)
+            return 1
+        for name, path in recipes.items():
+            print(f"{name:<24} {description(path)}")
+        return 0
+
+    dvc_args = [flag for flag, on in (("--queue", args.queue), ("--temp", args.temp)) if on]
+    try:
+        argv_ = command(args.name, args.overrides, dvc_args, experiment=args.experiment)
+    except RecipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(shlex.join(argv_), flush=True)
+    if args.action == "show":
+        return 0
+    env = dict(os.environ)
+    return subprocess.call(argv_, env=env)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
