@@ -583,3 +583,45 @@ def test_training_recalibrates_batchnorm_once_an_epoch_when_asked(
         tmp_path, tiny_data, **{"train.epochs": 2, "train.bn_recalibration_batches": batches}
     )
     assert calls == ([batches, batches] if batches else [])
+
+
+def _python(code: str) -> tuple[str, str]:
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout, done.stderr
+
+
+_THREADS = """
+from pipeline.train import make_deterministic
+import tensorflow as tf
+{before}
+make_deterministic(7)
+print(tf.config.threading.get_inter_op_parallelism_threads())
+tf.constant(1.0) + 1
+make_deterministic(7)  # a second call in the same process is harmless
+print(tf.config.threading.get_inter_op_parallelism_threads())
+"""
+
+
+def test_a_fresh_process_runs_one_op_at_a_time_for_bit_identical_sums() -> None:
+    # concurrent ops share the intra-op pool and make oneDNN's sums order-dependent
+    out, err = _python(_THREADS.format(before=""))
+    assert out.split() == ["1", "1"]
+    assert "may differ in the last digits" not in err
+
+
+def test_a_runtime_started_before_is_reported_not_silently_kept() -> None:
+    out, err = _python(_THREADS.format(before="tf.constant(1.0) + 1"))
+    assert out.split() != ["1", "1"]  # too late to change: the warning says so
+    assert "may differ in the last digits" in err
