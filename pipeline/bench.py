@@ -252,7 +252,7 @@ def bench_arch(
             arch,
             images_per_second=evaluate,
             note=f"{len(validation):,} validation images, batch {params.evaluate.batch_size}"
-            f"{', TTA (6 views)' if tta else ''}",
+            f"{', TTA (10 views)' if tta else ''}",
             load=evaluate_load,
         ),
         Row(

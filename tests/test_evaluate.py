@@ -282,3 +282,27 @@ def test_an_hdf5_file_without_a_model_is_refused(tmp_path: Path) -> None:
         h5["weights"] = np.zeros(3)
     with pytest.raises(ValueError, match="not a loadable Keras model"):
         evaluate.load_model(path)
+
+
+def test_tta_gives_ten_views_five_positions_each_with_its_mirror() -> None:
+    import tensorflow as tf
+
+    from pipeline.evaluate import TTA_SHIFT, tta_views
+
+    s = TTA_SHIFT
+    images = np.random.default_rng(0).integers(0, 256, (3, 12, 10, 1)).astype("float32")
+    views = [np.asarray(v) for v in tta_views(tf.constant(images))]
+    assert len(views) == 10
+    assert all(v.shape == images.shape for v in views)
+    for view, mirrored in zip(views[::2], views[1::2], strict=True):
+        np.testing.assert_array_equal(mirrored, view[:, :, ::-1])
+    centre, up, down, left, right = views[::2]
+    np.testing.assert_array_equal(centre, images)
+    # a shifted view shows the picture moved by s pixels ...
+    np.testing.assert_array_equal(right[:, :, :-s], images[:, :, s:])
+    np.testing.assert_array_equal(left[:, :, s:], images[:, :, :-s])
+    np.testing.assert_array_equal(down[:, :-s], images[:, s:])
+    np.testing.assert_array_equal(up[:, s:], images[:, :-s])
+    # ... with its own edge mirrored in, not the opposite edge wrapped round
+    np.testing.assert_array_equal(right[:, :, -s:], images[:, :, -1 : -s - 1 : -1])
+    np.testing.assert_array_equal(up[:, :s], images[:, s - 1 :: -1][:, :s])
