@@ -66,12 +66,32 @@ def list_jobs(raw: Path) -> list[Job]:
                     f"folder per class ({', '.join(CLASSES)})"
                 )
             files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            stems = Counter(p.stem for p in files)
-            for path in files:
-                # a.jpg and a.png in one folder must not overwrite each other
-                stem = path.stem if stems[path.stem] == 1 else f"{path.stem}_{path.suffix[1:]}"
-                jobs.append(Job(path, Path(split, name, f"{stem}.png")))
+            jobs += [
+                Job(path, Path(split, name, output))
+                for path, output in zip(files, _output_names(files), strict=True)
+            ]
     return jobs
+
+
+def _output_names(files: list[Path]) -> list[str]:
+    """A distinct .png name for each file of one folder, its stem wherever that is unique.
+
+    a.jpg and a.png become a_jpg.png and a_png.png; a file already called a_jpg.jpg
+    beside them then becomes a_jpg_2.png, so nothing overwrites anything.
+    """
+    stems = Counter(p.stem for p in files)
+    wanted = [p.stem if stems[p.stem] == 1 else f"{p.stem}_{p.suffix[1:]}" for p in files]
+    taken = Counter(name.lower() for name in wanted)
+    used: set[str] = set()
+    names = []
+    for name in wanted:
+        candidate, n = name, 1
+        while candidate.lower() in used or (candidate != name and candidate.lower() in taken):
+            n += 1
+            candidate = f"{name}_{n}"
+        used.add(candidate.lower())
+        names.append(f"{candidate}.png")
+    return names
 
 
 def crop_face(gray: np.ndarray, params: PreprocessParams) -> tuple[np.ndarray, bool]:

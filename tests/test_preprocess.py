@@ -302,6 +302,23 @@ def test_same_stem_in_two_formats_gets_two_outputs(paths: Paths) -> None:
     )
 
 
+def test_names_made_for_duplicates_never_collide_with_existing_names(paths: Paths) -> None:
+    folder = paths.raw / "train" / "sad"
+    source = next(folder.glob("*.jpg"))
+    for name in ("a.jpg", "a.png", "a_jpg.jpg", "A.bmp"):
+        shutil.copy(source, folder / name)
+    jobs = [j for j in list_jobs(paths.raw) if j.source.parent == folder]
+    names = [j.relative_output.name.lower() for j in jobs]
+    assert len(set(names)) == len(names) == len(list(folder.iterdir()))
+    by_source = {j.source.name: j.relative_output.name for j in jobs}
+    assert by_source["a.jpg"] == "a_jpg.png" and by_source["a.png"] == "a_png.png"
+    assert by_source["a_jpg.jpg"] == "a_jpg_2.png"
+    assert by_source[source.name] == f"{source.stem}.png"  # unique stems keep their name
+    run(make_params(), paths)
+    written = list((paths.processed / "train" / "sad").iterdir())
+    assert len(written) == len(names)
+
+
 def test_missing_raw_or_class_folder_says_what_to_do(tmp_path: Path, paths: Paths) -> None:
     with pytest.raises(PreprocessError, match=r"not found; run the download stage first"):
         run(make_params(), Paths(tmp_path / "empty"))
