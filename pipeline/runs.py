@@ -1,0 +1,131 @@
+"""A Markdown table of the project's MLflow runs, for comparing recipes at a glance.
+
+    python -m pipeline.runs                       # every evaluated run, newest first
+    python -m pipeline.runs cpu-60min-20261124-090953 --reach 0.56
+
+One row per run: its architecture and epochs, the evaluated validation accuracy and
+macro F1 (with test-time augmentation when `evaluate.tta` was on), the F1 of the two
+hard classes, the training time, and when the per-epoch validation accuracy first
+reached `--reach`. Times are read from MLflow: minutes from the start of the run (which
+includes loading the data, a few seconds) to the end of the epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+
+from pipeline.tracking import project_root, tracking_uri
+
+DEFAULT_EXPERIMENT = "facial-emotion-recognition"
+
+
+@dataclass(frozen=True)
+class RunRow:
+    name: str
+    arch: str
+    epochs: int
+    accuracy: float | None
+    f1_macro: float | None
+    f1_disgust: float | None
+    f1_fear: float | None
+    training_minutes: float | None
+    reached: tuple[int, float] | None  # (epoch, minutes) of the first val_accuracy >= reach
+
+
+def first_reach(history, start_ms: int, threshold: float) -> tuple[int, float] | None:
+    """The first (epoch, minutes since start) whose value is at least `threshold`."""
+    for point in sorted(history, key=lambda m: m.step):
+        if point.value >= threshold:
+            return point.step, (point.timestamp - start_ms) / 60000
+    return None
+
+
+def run_row(client, run, reach: float) -> RunRow:
+    metrics, params = run.data.metrics, run.data.params
+    history = client.get_metric_history(run.info.run_id, "val_accuracy")
+    start = run.info.start_time
+    last = max((m.timestamp for m in history), default=None)
+    return RunRow(
+        name=run.info.run_name,
+        arch=params.get("model.arch", "?"),
+        epochs=len({m.step for m in history}),
+        accuracy=metrics.get("eval_accuracy"),
+        f1_macro=metrics.get("eval_f1_macro"),
+        f1_disgust=metrics.get("eval_f1_disgust"),
+        f1_fear=metrics.get("eval_f1_fear"),
+        training_minutes=None if last is None else (last - start) / 60000,
+        reached=first_reach(history, start, reach),
+    )
+
+
+def _cell(value: float | None, digits: int) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def format_table(rows: list[RunRow], reach: float) -> str:
+    lines = [
+        f"| run | arch | epochs | validation accuracy | macro F1 | F1 disgust | F1 fear "
+        f"| training (min) | first val_accuracy ≥ {reach} |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        reached = "not reached" if r.reached is None else (
+            f"epoch {r.reached[0]}, {r.reached[1]:.1f} min"
+        )  # fmt: skip
+        lines.append(
+            f"| {r.name} | {r.arch} | {r.epochs} | {_cell(r.accuracy, 4)} "
+            f"| {_cell(r.f1_macro, 4)} | {_cell(r.f1_disgust, 3)} | {_cell(r.f1_fear, 3)} "
+            f"| {_cell(r.training_minutes, 1)} | {reached} |"
+        )
+    return "\n".join(lines)
+
+
+def collect(uri: str, experiment: str, names: list[str], reach: float) -> list[RunRow]:
+    """Rows for the named runs (in that order), or every evaluated run, newest first."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise LookupError(f"{uri}: no experiment {experiment!r}; train a model first")
+    runs = client.search_runs([found.experiment_id], order_by=["attributes.start_time DESC"])
+    if names:
+        by_name = {}
+        for run in runs:  # newest first: a reused name means its latest run
+            by_name.setdefault(run.info.run_name, run)
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            raise LookupError(
+                f"{uri}: no run named {', '.join(missing)} in experiment {experiment!r}"
+            )
+        runs = [by_name[n] for n in names]
+    else:
+        runs = [r for r in runs if "eval_accuracy" in r.data.metrics]
+    return [run_row(client, run, reach) for run in runs]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.runs",
+        description="Print a Markdown table of the project's MLflow runs.",
+    )
+    parser.add_argument("names", nargs="*", help="run names (default: every evaluated run)")
+    parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment")
+    parser.add_argument(
+        "--reach", type=float, default=0.56, help="validation accuracy to time (default 0.56)"
+    )
+    args = parser.parse_args(argv)
+    uri = tracking_uri(project_root())
+    try:
+        rows = collect(uri, args.experiment, args.names, args.reach)
+    except LookupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(format_table(rows, args.reach))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
