@@ -12,28 +12,52 @@ from pathlib import Path
 from typing import Any
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def clear_leftovers(dest: Path) -> None:
+    """Remove the scratch folders that killed runs left beside `dest` (never a live one)."""
+    for scratch in Path(dest).parent.glob(f".{Path(dest).name}.tmp-*"):
+        pid = scratch.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
+        if scratch.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
 @contextmanager
 def atomic_dir(dest: Path) -> Iterator[Path]:
-    """Yield a fresh temporary folder beside `dest`; on success it replaces `dest`.
+    """Yield an empty folder to fill; when the block succeeds it replaces `dest`.
 
-    On any exception (Ctrl-C included) the temporary folder is removed and
-    `dest` is left as it was.
+    The folder sits in a scratch folder beside `dest` (`.<name>.tmp-<pid>-…`, the same
+    file system, so the final step is a rename). On any exception, Ctrl-C included,
+    the scratch folder goes and `dest` is left as it was, also when the final rename
+    itself fails. Scratch folders of earlier runs that were killed are cleared first.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    clear_leftovers(dest)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-{os.getpid()}-", dir=dest.parent))
     try:
-        yield tmp
-        old = None
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            dest.rename(old)
-        tmp.rename(dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        out = scratch / "out"
+        out.mkdir()
+        yield out
+        if dest.exists() or dest.is_symlink():
+            old = dest.replace(scratch / "old")  # removed with the scratch folder
+            try:
+                out.replace(dest)
+            except BaseException:
+                old.replace(dest)
+                raise
+        else:
+            out.replace(dest)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:

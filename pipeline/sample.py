@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import cv2
 import numpy as np
 
 from pipeline import CLASSES
+from pipeline.atomic import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -443,24 +443,9 @@ def generate_sample(
     totals = {"train": train_images, "validation": validation_images}
     counts = {split: class_counts(totals[split]) for split in SPLITS}
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".tmp-{out_dir.name}"
-    old = out_dir.parent / f".old-{out_dir.name}"
-    for leftover in (tmp, old):  # from an earlier run that was killed
-        if leftover.exists():
-            shutil.rmtree(leftover)
-    try:
+    with atomic_dir(out_dir) as tmp:
         for split in SPLITS:
             _write_split(tmp / split, counts[split], split_generator(seed, split), picture_size)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out_dir.exists():
-        out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out_dir)
     log.info(
         "drew %d train and %d validation sample images into %s",
         train_images,

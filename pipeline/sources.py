@@ -23,18 +23,17 @@ import os
 import re
 import shutil
 import stat
-import tempfile
 import zipfile
 import zlib
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from tqdm import tqdm
 
 from pipeline import CLASSES
+from pipeline.atomic import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +86,7 @@ def extract_archive(archive: Path, dest: Path) -> Counts:
             "the dataset's .zip from its Kaggle web page and set data.archive in params.yaml to "
             "its path, or set data.source: sample to use the embedded sample"
         )
-    with _staged(dest) as out:
+    with atomic_dir(dest) as out:
         _extract_zip(archive, out, where=str(archive))
     return _report(dest)
 
@@ -109,7 +108,7 @@ def copy_directory(src: Path, dest: Path) -> Counts:
         )
     files = _walk_files(src)
     plan = _plan_layout(files, where=str(src))
-    with _staged(dest) as out:
+    with atomic_dir(dest) as out:
         _make_class_folders(out)
         for rel, (split, cls) in tqdm(plan.items(), desc="copy", unit="file", disable=None):
             try:
@@ -139,7 +138,7 @@ def fetch_kaggle(
         )
     log.info("Kaggle credentials from %s", found)
     factory = client_factory or _kaggle_api
-    with _staged(dest) as out:
+    with atomic_dir(dest) as out:
         download = out.parent / "download"
         download.mkdir()
         try:
@@ -214,29 +213,6 @@ def _downloaded_zip(folder: Path, dataset: str) -> Path:
         f"Kaggle dataset {dataset}: expected the client to leave {expected.name} in {folder}, "
         f"found {found or 'nothing'}. " + OFFLINE_ALTERNATIVES
     )
-
-
-@contextmanager
-def _staged(dest: Path) -> Iterator[Path]:
-    """Yield `<scratch>/out` to fill; on success it replaces `dest`. The scratch goes always."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-    try:
-        out = scratch / "out"
-        out.mkdir()
-        yield out
-        if dest.exists() or dest.is_symlink():
-            old = dest.replace(scratch / "old")  # removed with the scratch folder
-            try:
-                out.replace(dest)
-            except BaseException:
-                old.replace(dest)
-                raise
-        else:
-            out.replace(dest)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _report(dest: Path) -> Counts:

@@ -249,8 +249,10 @@ def test_regenerating_replaces_the_previous_output(tmp_path: Path) -> None:
 
 
 def test_leftovers_of_a_killed_run_are_cleared(tmp_path: Path) -> None:
-    (tmp_path / ".tmp-raw" / "train").mkdir(parents=True)
-    (tmp_path / ".tmp-raw" / "train" / "stray.jpg").write_bytes(b"half")
+    # the scratch folder of a run whose process (pid 2**22 + 1: above pid_max) is gone
+    stray = tmp_path / f".raw.tmp-{2**22 + 1}-x1y2" / "out" / "train"
+    stray.mkdir(parents=True)
+    (stray / "stray.jpg").write_bytes(b"half")
     generate_sample(tmp_path / "raw", 14, 14, seed=0)
     assert [p.name for p in tmp_path.iterdir()] == ["raw"]
     assert not list((tmp_path / "raw").rglob("stray.jpg"))
