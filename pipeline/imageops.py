@@ -107,14 +107,21 @@ def resize(gray: np.ndarray, size: int) -> np.ndarray:
 
 
 def equalize_histogram(gray: np.ndarray, method: str, clip_limit: float = 2.0) -> np.ndarray:
-    """`none`, `global` (cv2.equalizeHist) or `clahe` (contrast-limited, 8×8 tiles at 48 px)."""
+    """`none`, `global` (cv2.equalizeHist) or `clahe` (contrast-limited, local).
+
+    CLAHE works on tiles of at least 16×16 pixels (3×3 tiles at 48 px, at most 8×8).
+    OpenCV scales the clip limit by a tile's pixels / 256 and rounds it down to a whole
+    count of at least 1; on smaller tiles every clip limit below 7 became 1, so
+    `clahe_clip_limit` did nothing at 48 px. From 256 pixels a tile on, it means what
+    OpenCV's documentation says.
+    """
     if method == "none":
         return gray
     if method == "global":
         return cv2.equalizeHist(gray)
     if method == "clahe":
-        tiles = max(1, min(gray.shape) // 6)
-        clahe = cv2.createCLAHE(clipLimit=clip_limit, tileGridSize=(min(tiles, 8), min(tiles, 8)))
+        tiles = min(8, max(1, min(gray.shape) // 16))
+        clahe = cv2.createCLAHE(clipLimit=clip_limit, tileGridSize=(tiles, tiles))
         return clahe.apply(gray)
     raise ValueError(f"unknown equalization {method!r}; allowed: none, global, clahe")
 
