@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import ROOT, subprocess_env
 
 from pipeline import recipes
 from pipeline.params import flatten, load_params
-from tests.conftest import ROOT, subprocess_env
 
 RECIPES = recipes.available(ROOT / "recipes")
 
