@@ -150,9 +150,15 @@ def validation_set(paths: Paths) -> tuple[np.ndarray, np.ndarray]:
 
 
 def views(images: np.ndarray) -> list[np.ndarray]:
-    """Itself, its mirror, and shifted by 2 pixels up, down, left and right (wrapping)."""
-    shifted = [np.roll(images, shift, axis=(1, 2)) for shift in ((-2, 0), (2, 0), (0, -2), (0, 2))]
-    return [images, images[:, :, ::-1], *shifted]
+    """Ten views: itself and 2-pixel crops up, down, left, right of its mirrored-edge
+    padding, each with its mirror (computed here with NumPy, independently of TensorFlow)."""
+    h, w = images.shape[1:3]
+    padded = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)), mode="symmetric")
+    out = []
+    for dy, dx in ((0, 0), (-2, 0), (2, 0), (0, -2), (0, 2)):
+        crop = padded[:, 2 + dy : 2 + dy + h, 2 + dx : 2 + dx + w]
+        out += [crop, crop[:, :, ::-1]]
+    return out
 
 
 def f1_scores(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[float, float]:
@@ -240,7 +246,7 @@ def test_evaluation_of_a_known_model(
     assert re.fullmatch(r"Validation Accuracy : [01]\.\d\d", out[3])
 
 
-def test_test_time_augmentation_averages_the_six_views(tiny_project: Paths) -> None:
+def test_test_time_augmentation_averages_the_ten_views(tiny_project: Paths) -> None:
     paths = tiny_project
     params = tiny_params(**{"evaluate.tta": True, "evaluate.batch_size": 16})
     save_known_model(paths, params)
