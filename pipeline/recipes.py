@@ -14,7 +14,6 @@ they win). `--queue` and `--temp` are passed on to DVC. `list` names the recipes
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import subprocess
 import sys
@@ -156,15 +155,14 @@ def main(argv: list[str] | None = None) -> int:
 
     dvc_args = [flag for flag, on in (("--queue", args.queue), ("--temp", args.temp)) if on]
     try:
-        argv_ = command(args.name, args.overrides, dvc_args, experiment=args.experiment)
+        dvc = command(args.name, args.overrides, dvc_args, experiment=args.experiment)
     except RecipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(shlex.join(argv_), flush=True)
+    print(shlex.join(dvc), flush=True)
     if args.action == "show":
         return 0
-    env = dict(os.environ)
-    return subprocess.call(argv_, env=env)
+    return subprocess.call(dvc)
 
 
 if __name__ == "__main__":
