@@ -34,7 +34,7 @@ import tensorflow as tf
 
 from pipeline import CLASSES, preprocess, sources
 from pipeline.dataset import Split, load_split, training_input
-from pipeline.evaluate import predict_probabilities
+from pipeline.evaluate import TTA_VIEWS, predict_probabilities
 from pipeline.logs import setup_logging
 from pipeline.models import ARCHITECTURES, build_model, flops_per_image
 from pipeline.params import Params, ParamsError, load_params
@@ -252,7 +252,7 @@ def bench_arch(
             arch,
             images_per_second=evaluate,
             note=f"{len(validation):,} validation images, batch {params.evaluate.batch_size}"
-            f"{', TTA (10 views)' if tta else ''}",
+            f"{f', TTA ({TTA_VIEWS} views)' if tta else ''}",
             load=evaluate_load,
         ),
         Row(

@@ -33,6 +33,9 @@ def load_model(path: Path):
 
 
 TTA_SHIFT = 2  # pixels: about 4% of a 48-pixel face, inside the training's translations
+# (rows, columns) each view is shifted by: none, up, down, left, right; each also mirrored
+TTA_OFFSETS = ((0, 0), (-TTA_SHIFT, 0), (TTA_SHIFT, 0), (0, -TTA_SHIFT), (0, TTA_SHIFT))
+TTA_VIEWS = 2 * len(TTA_OFFSETS)
 
 
 def tta_views(images):
@@ -48,7 +51,7 @@ def tta_views(images):
     height, width = images.shape[1], images.shape[2]
     padded = tf.pad(images, [[0, 0], [s, s], [s, s], [0, 0]], mode="SYMMETRIC")
     views = []
-    for dy, dx in ((0, 0), (-s, 0), (s, 0), (0, -s), (0, s)):
+    for dy, dx in TTA_OFFSETS:
         view = padded[:, s + dy : s + dy + height, s + dx : s + dx + width, :]
         views += [view, tf.reverse(view, axis=[2])]
     return views

@@ -16,7 +16,13 @@ import argparse
 import sys
 from dataclasses import dataclass
 
-from pipeline.tracking import project_root, tracking_uri
+from pipeline.tracking import (
+    TrackingError,
+    check_reachable,
+    is_remote,
+    project_root,
+    tracking_uri,
+)
 
 DEFAULT_EXPERIMENT = "facial-emotion-recognition"
 
@@ -117,10 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         "--reach", type=float, default=0.56, help="validation accuracy to time (default 0.56)"
     )
     args = parser.parse_args(argv)
-    uri = tracking_uri(project_root())
+    root = project_root()
+    uri = tracking_uri(root)
     try:
+        if is_remote(uri):  # one short probe instead of MLflow's minutes of retries
+            check_reachable(uri, root)
         rows = collect(uri, args.experiment, args.names, args.reach)
-    except LookupError as exc:
+    except (LookupError, TrackingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(format_table(rows, args.reach))

@@ -103,7 +103,8 @@ def tracking_uri(root: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or local_store_uri(root)
 
 
-def _is_remote(uri: str) -> bool:
+def is_remote(uri: str) -> bool:
+    """True for an MLflow tracking server (http or https), false for a local store."""
     return uri.startswith(("http://", "https://"))
 
 
@@ -143,7 +144,7 @@ def check_reachable(uri: str, root: Path) -> None:
         with _short_http_timeouts():
             MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except Exception as exc:
-        if _is_remote(uri):
+        if is_remote(uri):
             raise TrackingError(
                 f"the MLflow tracking server at {uri} (MLFLOW_TRACKING_URI) is not reachable: "
                 f"{_reason(exc)}. Start it (mlflow server --host 127.0.0.1 --port 5000), "
@@ -560,7 +561,7 @@ def ui(host: str, port: int) -> int:
     """Run `mlflow ui` on the project's store until Ctrl-C."""
     root = project_root()
     uri = tracking_uri(root)
-    if _is_remote(uri):
+    if is_remote(uri):
         print(f"runs are tracked on the server {uri} (MLFLOW_TRACKING_URI): open it in a browser")
         return 0
     command = [

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import subprocess_env
+from conftest import free_port, subprocess_env
 from mlflow.tracking import MlflowClient
 
 from pipeline import runs
@@ -92,3 +92,15 @@ def test_the_command_reads_the_store_named_by_mlflow_tracking_uri(tmp_path: Path
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert missing.returncode == 1 and "no run named ghost" in missing.stderr
+
+
+def test_a_tracking_server_that_is_down_gets_the_short_message(tmp_path: Path) -> None:
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.runs"],
+        env=subprocess_env(MLFLOW_TRACKING_URI=uri), cwd=tmp_path,
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert f"error: the MLflow tracking server at {uri}" in done.stderr
+    assert "not reachable" in done.stderr and "Traceback" not in done.stderr
