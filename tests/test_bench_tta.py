@@ -1,0 +1,60 @@
+"""benchmarks/bench_tta.py: its view sets against the evaluate stage's own answers."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+from conftest import tiny_params
+from test_evaluate import HISTORY, float32_policy, save_known_model  # noqa: F401
+
+from pipeline import evaluate
+from pipeline.paths import Paths
+
+SCRIPT = Path(__file__).parents[1] / "benchmarks" / "bench_tta.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("bench_tta", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def accuracies(out: str) -> dict[str, float]:
+    rows = re.findall(r"^\| ([^|]+?) \| (\d+) \| ([01]\.\d{4}) \|", out, re.MULTILINE)
+    return {name: float(accuracy) for name, _views, accuracy in rows}
+
+
+def test_single_and_cross_2_are_the_evaluate_stage_without_and_with_tta(
+    tiny_project: Paths, capsys: pytest.CaptureFixture[str]
+) -> None:
+    paths = tiny_project
+    paths.history.write_text(HISTORY)
+    save_known_model(paths, tiny_params())
+    plain = evaluate.run(tiny_params(), paths)["accuracy"]
+    tta = evaluate.run(tiny_params(**{"evaluate.tta": True}), paths)["accuracy"]
+
+    bench_tta = load_script()
+    code = bench_tta.main(
+        ["--model", str(paths.model), "--data", str(paths.processed / "validation")]
+    )
+
+    assert code == 0
+    found = accuracies(capsys.readouterr().out)
+    assert set(found) == set(bench_tta.VIEW_SETS)
+    assert found["single"] == pytest.approx(plain, abs=5e-5)
+    assert found["cross-2"] == pytest.approx(tta, abs=5e-5)
+    assert len(bench_tta.VIEW_SETS["cross-2"]) == evaluate.TTA_VIEWS
+
+
+def test_a_missing_model_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = load_script().main(["--model", str(tmp_path / "none.h5")])
+
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "none.h5: no model" in err and "Traceback" not in err
