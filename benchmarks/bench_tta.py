@@ -65,8 +65,9 @@ def make_view(images, dy: int, dx: int, flip: bool, zoom: float):
 
 
 def study(model, images, labels: np.ndarray, batch_size: int) -> dict[str, dict[str, float]]:
-    """Accuracy and macro F1 of every view set; each distinct view is predicted once."""
-    from sklearn.metrics import f1_score
+    """Accuracy and macro F1 of every view set, scored as the evaluate stage scores them;
+    each distinct view is predicted once."""
+    from pipeline.evaluate import compute_metrics
 
     cache: dict[tuple, np.ndarray] = {}
     results = {}
@@ -76,11 +77,11 @@ def study(model, images, labels: np.ndarray, batch_size: int) -> dict[str, dict[
                 cache[view] = model.predict(
                     make_view(images, *view), batch_size=batch_size, verbose=0
                 )
-        predicted = np.mean([cache[view] for view in views], axis=0).argmax(axis=1)
+        metrics = compute_metrics(labels, np.mean([cache[view] for view in views], axis=0))[0]
         results[name] = {
             "views": len(views),
-            "accuracy": float((predicted == labels).mean()),
-            "f1_macro": float(f1_score(labels, predicted, average="macro")),
+            "accuracy": metrics["accuracy"],
+            "f1_macro": metrics["f1_macro"],
         }
     return results
 
@@ -122,10 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    images, onehot = zip(*split.images.batch(4096).as_numpy_iterator(), strict=True)
-    labels = np.concatenate(onehot).argmax(axis=1)
-    print(f"- model: {args.model}; {len(labels)} faces from {args.data}\n")
-    print(table(study(model, np.concatenate(images), labels, args.batch_size)))
+    images = np.stack([image.numpy() for image, _ in split.images])
+    print(f"- model: {args.model}; {split.count} faces from {args.data}\n")
+    print(table(study(model, images, split.labels, args.batch_size)))
     return 0
 
 

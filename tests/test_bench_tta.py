@@ -23,9 +23,14 @@ def load_script():
     return module
 
 
-def accuracies(out: str) -> dict[str, float]:
-    rows = re.findall(r"^\| ([^|]+?) \| (\d+) \| ([01]\.\d{4}) \|", out, re.MULTILINE)
-    return {name: float(accuracy) for name, _views, accuracy in rows}
+def scores(out: str) -> dict[str, tuple[float, float]]:
+    """(accuracy, macro F1) of each row of the printed table."""
+    rows = re.findall(
+        r"^\| ([^|]+?) \| \d+ \| ([01]\.\d{4}) \| [-+]\d\.\d{4} \| ([01]\.\d{4}) \|$",
+        out,
+        re.MULTILINE,
+    )
+    return {name: (float(accuracy), float(f1)) for name, accuracy, f1 in rows}
 
 
 def test_single_and_cross_2_are_the_evaluate_stage_without_and_with_tta(
@@ -34,8 +39,8 @@ def test_single_and_cross_2_are_the_evaluate_stage_without_and_with_tta(
     paths = tiny_project
     paths.history.write_text(HISTORY)
     save_known_model(paths, tiny_params())
-    plain = evaluate.run(tiny_params(), paths)["accuracy"]
-    tta = evaluate.run(tiny_params(**{"evaluate.tta": True}), paths)["accuracy"]
+    plain = evaluate.run(tiny_params(), paths)
+    tta = evaluate.run(tiny_params(**{"evaluate.tta": True}), paths)
 
     bench_tta = load_script()
     code = bench_tta.main(
@@ -43,10 +48,12 @@ def test_single_and_cross_2_are_the_evaluate_stage_without_and_with_tta(
     )
 
     assert code == 0
-    found = accuracies(capsys.readouterr().out)
+    found = scores(capsys.readouterr().out)
     assert set(found) == set(bench_tta.VIEW_SETS)
-    assert found["single"] == pytest.approx(plain, abs=5e-5)
-    assert found["cross-2"] == pytest.approx(tta, abs=5e-5)
+    for name, metrics in (("single", plain), ("cross-2", tta)):
+        assert found[name] == pytest.approx((metrics["accuracy"], metrics["f1_macro"]), abs=5e-5), (
+            name
+        )
     assert len(bench_tta.VIEW_SETS["cross-2"]) == evaluate.TTA_VIEWS
 
 
