@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    images = np.stack([image.numpy() for image, _ in split.images])
+    images = split.array()
     print(f"- model: {args.model}; {split.count} faces from {args.data}\n")
     print(table(study(model, images, split.labels, args.batch_size)))
     return 0

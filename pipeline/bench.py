@@ -302,7 +302,7 @@ def run(params: Params, archs: list[str], steps: int, archive: Path | None) -> s
             size = params.preprocess.picture_size
             split = load_split(paths.processed / "train", size)
             validation = load_split(paths.processed / "validation", size)
-            images = tf.constant(np.stack([image.numpy() for image, _ in validation.images]))
+            images = tf.constant(validation.array())
             for arch in archs:
                 log.info("measuring %s", arch)
                 rows += bench_arch(arch, params, split, images, steps)

@@ -31,6 +31,10 @@ class Split:
     count: int
     labels: np.ndarray  # class index per image, in file order
 
+    def array(self) -> np.ndarray:
+        """All images as one float32 [n, h, w, 1] array, in file order."""
+        return np.stack([image.numpy() for image, _ in self.images])
+
 
 def load_split(folder: Path, picture_size: int) -> Split:
     """Read `folder/<class>/*.png` in a fixed order (classes in `CLASSES` order)."""

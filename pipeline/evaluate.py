@@ -137,9 +137,8 @@ def run(params, paths: Paths) -> dict:
     make_deterministic(params.train.seed)
     model = load_model(paths.model)
     split = load_split(paths.processed / "validation", params.preprocess.picture_size)
-    images = np.stack([image.numpy() for image, _ in split.images])
     probabilities = predict_probabilities(
-        model, tf.constant(images), params.evaluate.batch_size, params.evaluate.tta
+        model, tf.constant(split.array()), params.evaluate.batch_size, params.evaluate.tta
     )
     metrics, matrix, text, frame = compute_metrics(split.labels, probabilities)
     best = train_scores(paths.history, params.train.checkpoint.monitor)

@@ -403,6 +403,15 @@ def test_validation_batches_keep_file_order(tiny_data: Paths) -> None:
     assert np.array_equal(np.flatnonzero(np.diff(split.labels) < 0), [])  # class by class
 
 
+def test_split_array_is_every_image_in_file_order(tiny_data: Paths) -> None:
+    split = load_split(tiny_data.processed / "validation", 48)
+    array = split.array()
+    assert array.shape == (split.count, 48, 48, 1)
+    assert array.dtype == np.float32
+    ids = image_ids(split)
+    assert [ids[image.tobytes()] for image in array] == list(range(split.count))
+
+
 # ---------------------------------------------------------------- BatchNorm recalibration
 
 
