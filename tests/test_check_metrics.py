@@ -209,3 +209,33 @@ def test_reproduce_also_fails_a_metric_that_moved_up_beyond_its_tolerance(
     new_metrics(repo, accuracy=0.61, f1_macro=0.49, loss=1.09)
     assert check_metrics.main(["--reproduce"]) == check_metrics.PASS
     assert "within its tolerance of the baseline" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("deltas", "status"),
+    [
+        # `make repro` on an Intel Xeon with AMX against the sample reports committed from
+        # an AMD EPYC with AVX512-BF16 (0.961): 0.963, the same pipeline's other last digits
+        ({"accuracy": +0.002}, check_metrics.PASS),
+        ({"accuracy": -0.011, "f1_macro": -0.023}, check_metrics.PASS),  # summation order
+        ({"accuracy": -0.05}, check_metrics.REGRESSION),  # a planted regression
+        ({"f1_macro": -0.06}, check_metrics.REGRESSION),
+    ],
+)
+def test_the_committed_sample_metrics_gate_a_rerun_on_either_cpu_kind(
+    tmp_path: Path, capsys, deltas: dict, status: int
+) -> None:
+    """CI's two gate calls, on the committed reports and params.yaml's own tolerances."""
+    committed = json.loads((ROOT / "reports" / "metrics.json").read_text(encoding="utf-8"))
+    rerun = {**committed, **{key: committed[key] + delta for key, delta in deltas.items()}}
+    (tmp_path / "metrics.json").write_text(json.dumps(rerun), encoding="utf-8")
+    arguments = [
+        "--baseline", str(ROOT / "reports" / "metrics.json"),
+        "--metrics", str(tmp_path / "metrics.json"),
+        "--params", str(ROOT / "params.yaml"),
+    ]  # fmt: skip
+
+    assert check_metrics.main(arguments) == status
+    assert check_metrics.main([*arguments, "--reproduce"]) == status
+    if status == check_metrics.REGRESSION:
+        assert "REGRESSION" in capsys.readouterr().out
