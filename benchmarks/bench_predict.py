@@ -25,6 +25,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from pipeline.machine import cpu_description
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"model {args.model} ({predictor.info.arch}, {predictor.info.preprocess.picture_size}²), "
         f"batch size {args.batch_size}, TensorFlow {tf.__version__}, OpenCV {cv2.__version__}, "
-        f"{os.cpu_count()} CPU cores\n"
+        f"CPU: {cpu_description()}\n"
     )
     width = max(len(name) for name, _ in rows)
     print(f"| {'measurement':<{width}} | value |")

@@ -15,13 +15,13 @@ import argparse
 import dataclasses
 import logging
 import os
-import platform
 import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from pipeline.machine import cpu_description
 from pipeline.params import PreprocessParams, load_params
 from pipeline.paths import Paths
 from pipeline.preprocess import list_jobs, process_all, run
@@ -134,9 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--archive: {args.archive} is not a file (or set FER_REAL_ARCHIVE)")
     logging.basicConfig(level=logging.WARNING)
     rows = bench(args.archive, args.workers, args.detect_images, args.scratch)
-    machine = platform.processor() or platform.machine()
     print(
-        f"Preprocess throughput: {args.archive.name}, {machine}, {os.cpu_count()} cores, "
+        f"Preprocess throughput: {args.archive.name}, CPU: {cpu_description()}, "
         f"Python {sys.version.split()[0]}, scratch in {args.scratch or tempfile.gettempdir()}\n"
     )
     print("\n".join(rows))

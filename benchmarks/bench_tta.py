@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.dataset import load_split
     from pipeline.evaluate import load_model
+    from pipeline.machine import cpu_description
 
     try:
         model = load_model(args.model)
@@ -124,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     images = split.array()
-    print(f"- model: {args.model}; {split.count} faces from {args.data}\n")
+    print(f"- model: {args.model}; {split.count} faces from {args.data}")
+    print(f"- CPU: {cpu_description()}\n")
     print(table(study(model, images, split.labels, args.batch_size)))
     return 0
 

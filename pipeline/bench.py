@@ -36,13 +36,13 @@ from pipeline import CLASSES, preprocess, sources
 from pipeline.dataset import Split, load_split, training_input
 from pipeline.evaluate import TTA_VIEWS, predict_probabilities
 from pipeline.logs import setup_logging
+from pipeline.machine import cpu_description
 from pipeline.models import ARCHITECTURES, build_model, flops_per_image
 from pipeline.params import Params, ParamsError, load_params
 from pipeline.paths import PARAMS_FILE, Paths
 from pipeline.sample import generate_sample
 from pipeline.train import (
     balanced_class_weight,
-    cpu_has_native_bfloat16,
     make_deterministic,
     make_optimizer,
     resolve_precision,
@@ -71,21 +71,9 @@ def load_average() -> float:
     return os.getloadavg()[0]
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def machine_lines(policy: str, precision: str) -> list[str]:
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return [
-        f"- machine: {usable} usable of {os.cpu_count()} cores, {cpu_model()}"
-        f"{' (native bfloat16)' if cpu_has_native_bfloat16() else ''}",
+        f"- machine: {cpu_description()} (of {os.cpu_count()} cores)",
         f"- TensorFlow {tf.__version__}, Keras {keras.__version__}, "
         f"Python {platform.python_version()}",
         f"- precision: {policy} (train.precision={precision})",

@@ -30,12 +30,14 @@ import tempfile
 import threading
 import time
 import types
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline import CLASSES
+from pipeline.machine import machine_tags
 from pipeline.params import Params, flatten
 from pipeline.paths import Paths
 
@@ -49,6 +51,9 @@ KERAS_MODEL_NAME = "keras_model"
 PYFUNC_MODEL_NAME = "emotion_model"
 PROBE_TIMEOUT_SECONDS = 5
 STAGE_TAG = "stage"
+# MLflow 3's UI opens an experiment without this tag on its GenAI overview (traces,
+# tokens); this value makes it open on the runs table, as for model training.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 class TrackingError(RuntimeError):
@@ -168,7 +173,9 @@ def open_experiment(name: str, uri: str, artifact_location: str | None) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name, artifact_location=artifact_location)
+            return client.create_experiment(
+                name, artifact_location=artifact_location, tags=EXPERIMENT_KIND
+            )
         except MlflowException:  # created meanwhile by a parallel run
             experiment = client.get_experiment_by_name(name)
             if experiment is None:
@@ -179,6 +186,9 @@ def open_experiment(name: str, uri: str, artifact_location: str | None) -> str:
             f"(mlflow experiments restore --experiment-id {experiment.experiment_id}) "
             "or choose another name in params.yaml mlflow.experiment"
         )
+    for key, value in EXPERIMENT_KIND.items():  # an experiment made by an older version
+        if key not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, key, value)
     return experiment.experiment_id
 
 
@@ -277,7 +287,7 @@ def data_md5(paths: Paths) -> str | None:
         return None
 
 
-def run_tags(params: Params, paths: Paths) -> dict[str, str]:
+def run_tags(params: Params, paths: Paths, md5: str | None) -> dict[str, str]:
     import keras
     import tensorflow as tf
 
@@ -285,17 +295,43 @@ def run_tags(params: Params, paths: Paths) -> dict[str, str]:
 
     tags = {
         **git_tags(paths),
+        **machine_tags(),
         "tensorflow.version": tf.__version__,
         "keras.version": keras.__version__,
         "precision": resolve_precision(params.train.precision),
     }
-    md5 = data_md5(paths)
     if md5:
         tags["data.md5"] = md5
     for env, tag in (("DVC_EXP_NAME", "dvc.exp_name"), ("DVC_EXP_BASELINE_REV", "dvc.baseline")):
         if os.environ.get(env):
             tags[tag] = os.environ[env]
     return tags
+
+
+def dataset_name(params: Params) -> str:
+    """What the processed data was made from: `embedded-sample`, the Kaggle slug, the
+    archive's or the folder's name."""
+    data = params.data
+    return {
+        "sample": "embedded-sample",
+        "kaggle": data.kaggle_dataset,
+        "archive": Path(data.archive or "archive").name,
+        "directory": Path(data.directory or "directory").name,
+    }[data.source]
+
+
+def log_dataset(params: Params, paths: Paths, digest: str | None) -> None:
+    """`data/processed` as the run's dataset input, with DVC's hash as its digest, so the
+    runs table's Dataset column says what each model learned from."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    with warnings.catch_warnings():  # two equal local sources registered (mlflow's own doing)
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(str(paths.processed.resolve()))
+    dataset = MetaDataset(source, name=dataset_name(params), digest=digest)
+    mlflow.log_input(dataset, context="training", tags={"data.source": params.data.source})
 
 
 def _param_values(params: Params) -> dict[str, str]:
@@ -482,10 +518,14 @@ def train_tracked(params: Params, paths: Paths):
 
     uri, experiment_id = connect(params.mlflow.experiment)
     with sigterm_raises(), ending_run():
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name(params))
+        run = mlflow.start_run(
+            experiment_id=experiment_id, run_name=run_name(params), log_system_metrics=True
+        )
         log.info("MLflow run %s (%s) in %s", run.info.run_name, run.info.run_id, uri)
         mlflow.log_params(_param_values(params))
-        mlflow.set_tags({**run_tags(params, paths), STAGE_TAG: "training"})
+        md5 = data_md5(paths)
+        mlflow.set_tags({**run_tags(params, paths, md5), STAGE_TAG: "training"})
+        log_dataset(params, paths, md5)
         result = train(params, paths, extra_callbacks=[epoch_logger()])
         log_training_outputs(params, paths)
         write_run_info(paths.run_info, RunInfo(run.info.run_id, experiment_id, uri))
@@ -542,7 +582,9 @@ def evaluate_tracked(params: Params, paths: Paths) -> dict:
             log.warning("%s: logging this evaluation to a new MLflow run", why_not)
             run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name(params))
             mlflow.log_params(_param_values(params))
-            mlflow.set_tags({**run_tags(params, paths), "mlflow.note.content": why_not})
+            md5 = data_md5(paths)
+            mlflow.set_tags({**run_tags(params, paths, md5), "mlflow.note.content": why_not})
+            log_dataset(params, paths, md5)
             if info is not None:
                 mlflow.set_tag("train_run_id", info.run_id)
             log_history(paths.history)

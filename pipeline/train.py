@@ -20,6 +20,7 @@ from pathlib import Path
 
 from pipeline.cli import run_stage
 from pipeline.logs import is_terminal
+from pipeline.machine import cpu_has_native_bfloat16
 from pipeline.params import Params, TrainParams
 from pipeline.paths import Paths
 from pipeline.tracking import TrackingError, train_tracked
@@ -64,15 +65,6 @@ def make_deterministic(seed: int) -> None:
                 "run; run the stage in a fresh process (python -m pipeline.train) for "
                 "bit-identical results"
             )
-
-
-def cpu_has_native_bfloat16() -> bool:
-    """True when the CPU computes bfloat16 natively (AVX512-BF16 or AMX), as read from Linux."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def resolve_precision(precision: str) -> str:
@@ -301,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Train the emotion CNN on data/processed (stage `train`).",
         work=train_tracked,
         errors=(FileNotFoundError, ValueError, TrackingError),
+        tensorflow=True,
     )
 
 

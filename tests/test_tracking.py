@@ -29,7 +29,7 @@ from conftest import (
     write_params,
 )
 
-from pipeline import CLASSES, tracking
+from pipeline import CLASSES, machine, tracking
 from pipeline.params import flatten
 from pipeline.paths import Paths
 
@@ -166,6 +166,19 @@ def check_run(client, run_id: str, params, paths: Paths, metrics: dict, commit: 
     assert tags["keras.version"] == keras.__version__
     assert tags["precision"] in ("float32", "mixed_bfloat16", "mixed_float16")
     assert tags["stage"] == "evaluated"
+    assert tags["cpu.model"] == machine.cpu_model() != ""
+    assert tags["cpu.bfloat16"] in ("amx_bf16", "avx512_bf16", "none")
+    assert int(tags["cpu.cores"]) >= 1
+
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.dataset.name == "embedded-sample"
+    assert dataset.dataset.digest == tags["data.md5"]
+    assert str(paths.processed.resolve()) in dataset.dataset.source
+    assert {t.key: t.value for t in dataset.tags}["mlflow.data.context"] == "training"
+    assert "system/cpu_utilization_percentage" in logged  # MLflow's system metrics
+
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
     assert artifact_files(client, run_id) == TRAINING_ARTIFACTS | EVALUATION_ARTIFACTS
     assert json.loads(paths.run_info.read_text())["run_id"] == run_id
@@ -173,12 +186,14 @@ def check_run(client, run_id: str, params, paths: Paths, metrics: dict, commit: 
 
 
 def test_two_runs_hold_params_curves_metrics_artifacts_models_and_tags(
-    client, tiny_project: Paths, tmp_path: Path
+    client, tiny_project: Paths, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import keras
     import mlflow
     import numpy as np
 
+    # a sample a second: a tiny training ends before MLflow's default 10 s interval
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
     paths = tiny_project
     experiment = "test-two-runs"
     (paths.root / ".gitignore").write_text("data\nmodels\n")
