@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.logs import setup_logging
+from pipeline.logs import VERBOSE_VARIABLE, import_tensorflow, setup_logging
 from pipeline.params import Params, ParamsError, load_params
 from pipeline.paths import PARAMS_FILE, Paths
 
@@ -21,8 +21,12 @@ def run_stage(
     description: str,
     work: Callable[[Params, Paths], object],
     errors: tuple[type[Exception], ...],
+    tensorflow: bool = False,
 ) -> int:
     """Parse the arguments, load params.yaml and run `work`; return the exit status.
+
+    A stage that computes with TensorFlow (`tensorflow=True`) imports it quietly once
+    its params are known to be valid, so bad params fail at once.
 
     0: done; 1: one of `errors` (its message is the whole story, no traceback);
     2: invalid params; 130 or 143: stopped by Ctrl-C or SIGTERM. Log lines name the
@@ -32,10 +36,19 @@ def run_stage(
     parser.add_argument(
         "--params", type=Path, default=PARAMS_FILE, help="params file (default: %(default)s)"
     )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help=f"debug messages and TensorFlow's start-up lines (or set {VERBOSE_VARIABLE}=1)",
+    )
     args = parser.parse_args(argv)
-    setup_logging()
+    setup_logging(args.verbose)
     try:
-        work(load_params(args.params), Paths())
+        params = load_params(args.params)
+        if tensorflow:
+            import_tensorflow(args.verbose)
+        work(params, Paths())
     except ParamsError as exc:
         log.error("invalid params: %s", exc, stacklevel=2)
         return 2

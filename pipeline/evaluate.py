@@ -172,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Score models/model.h5 on the validation images (stage `evaluate`).",
         work=evaluate_tracked,
         errors=(FileNotFoundError, ValueError, TrackingError),
+        tensorflow=True,
     )
 
 

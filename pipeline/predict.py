@@ -37,7 +37,7 @@ import numpy as np
 from pipeline.atomic import write_bytes_atomic, write_text_atomic
 from pipeline.faces import FaceDetector, align_face, default_detector
 from pipeline.imageops import IMAGE_SUFFIXES, ImageError, read_image, to_model_input
-from pipeline.logs import setup_logging
+from pipeline.logs import VERBOSE_VARIABLE, import_tensorflow, setup_logging
 from pipeline.modelmeta import ModelInfo, read_model_info
 from pipeline.paths import Paths
 
@@ -609,6 +609,12 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--camera", type=int, metavar="N", help="show camera N live in a window (needs a GUI)"
     )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help=f"debug messages and TensorFlow's start-up lines (or set {VERBOSE_VARIABLE}=1)",
+    )
     return parser
 
 
@@ -621,13 +627,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--camera shows a live camera; it takes no PATH")
     if args.out is not None and args.out.is_dir():
         parser.error(f"--out {args.out}: is a folder; name the file to write")
-    setup_logging()
+    setup_logging(args.verbose)
     if not sys.stderr.isatty():  # MLflow's download progress bar, one line per update
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if args.camera is not None and (problem := gui_problem()):
         log.error("--camera: %s", problem)
         return 2
     try:
+        import_tensorflow(args.verbose)
         predictor = load_predictor(args.model, args.batch_size)
     except ModelError as exc:
         log.error("%s", exc)
