@@ -12,7 +12,6 @@ through the stage's worker loop (`process_all`), and the table says so.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import resource
@@ -66,7 +65,7 @@ def _row(setting: str, images: int, workers: int, timer: Timer, note: str = "") 
 
 def bench(archive: Path, workers: int, detect_images: int, scratch_dir: Path | None) -> list[str]:
     base = load_params(ROOT / "params.yaml").preprocess
-    params = dataclasses.replace(base, face_detection=False, workers=workers)
+    params = base.model_copy(update={"face_detection": False, "workers": workers})
     used = workers or os.cpu_count() or 1
     rows = [
         "| setting | images | workers | wall s | images/s | CPU s | images per CPU s "
@@ -96,7 +95,7 @@ def bench(archive: Path, workers: int, detect_images: int, scratch_dir: Path | N
 def _time_subset(
     params: PreprocessParams, detect: bool, jobs: list, used: int, scratch: Path
 ) -> str:
-    params = dataclasses.replace(params, face_detection=detect)
+    params = params.model_copy(update={"face_detection": detect})
     out = Path(tempfile.mkdtemp(prefix="out-", dir=scratch))
     with Timer() as timer:
         outcomes = process_all(jobs, params, out)

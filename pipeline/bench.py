@@ -17,7 +17,6 @@ product's rate on the same machine, its practical ceiling.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import platform
@@ -93,7 +92,7 @@ def prepare_data(params: Params, archive: Path | None, root: Path) -> Row:
             paths.raw, data.sample_train_images, data.sample_validation_images, data.seed
         )
         source = "embedded sample"
-    report = preprocess.run(dataclasses.replace(params.preprocess, workers=0), paths)
+    report = preprocess.run(params.preprocess.model_copy(update={"workers": 0}), paths)
     total = sum(per_class["total"] for per_class in report["images"].values())
     return Row(
         "preprocess",
@@ -189,7 +188,8 @@ def bench_arch(
     train = params.train
     size = params.preprocess.picture_size
     batch = train.batch_size
-    model = build_model(dataclasses.replace(params.model, arch=arch), (size, size, 1), len(CLASSES))
+    model_params = params.model.model_copy(update={"arch": arch})
+    model = build_model(model_params, (size, size, 1), len(CLASSES))
     model.compile(
         optimizer=make_optimizer(train),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=train.label_smoothing),

@@ -7,7 +7,6 @@ trained the model did, whatever `params.yaml` says today.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ def write_model_info(path: Path, info: ModelInfo) -> None:
 
     payload = {
         "classes": list(info.classes),
-        "preprocess": dataclasses.asdict(info.preprocess),
+        "preprocess": info.preprocess.model_dump(),
         "arch": info.arch,
         "pipeline_version": info.pipeline_version,
     }

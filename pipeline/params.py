@@ -1,25 +1,25 @@
 """`params.yaml` loaded once into typed, validated objects.
 
-Every knob of the pipeline lives in `params.yaml` and nowhere else: the
-dataclasses below declare the keys, their types and their allowed ranges, but
-no default values, so a key missing from the file is an error, not a silent
-fallback. A wrong key or value fails before any work starts, with the key, the
-value and what is allowed.
+Every knob of the pipeline lives in `params.yaml` and nowhere else: the frozen
+pydantic models below declare the keys, their types and their allowed ranges,
+but no default values, so a key missing from the file is an error, not a silent
+fallback, and so is a key they do not declare. A wrong key or value fails before
+any work starts, with the key, the value and what is allowed.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import math
+import functools
+import operator
 import types
 import typing
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.paths import PARAMS_FILE
 
@@ -28,21 +28,25 @@ class ParamsError(ValueError):
     """A key or value in `params.yaml` is wrong."""
 
 
-def _range(lo: float | None = None, hi: float | None = None) -> Any:
-    return field(metadata={"min": lo, "max": hi})
+class _Group(BaseModel):
+    # strict: a bool is not a number, neither "5" nor 5.0 is an int (5 is a float);
+    # NaN, infinity and empty strings are refused
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", strict=True, allow_inf_nan=False, str_min_length=1
+    )
 
 
-@dataclass(frozen=True)
-class DataParams:
+class DataParams(_Group):
     source: Literal["sample", "kaggle", "archive", "directory"]
     seed: int
-    sample_train_images: int = _range(14, None)
-    sample_validation_images: int = _range(14, None)
+    sample_train_images: int = Field(ge=14)
+    sample_validation_images: int = Field(ge=14)
     kaggle_dataset: str
     archive: str | None
     directory: str | None
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check_source(self) -> DataParams:
         if self.source == "archive" and not self.archive:
             raise ParamsError(
                 "data.archive: is empty but data.source is 'archive'; "
@@ -57,82 +61,78 @@ class DataParams:
             raise ParamsError(
                 f"data.kaggle_dataset: {self.kaggle_dataset!r} is not an 'owner/dataset' slug"
             )
+        return self
 
 
-@dataclass(frozen=True)
-class PreprocessParams:
-    picture_size: int = _range(8, 512)
+class PreprocessParams(_Group):
+    picture_size: int = Field(ge=8, le=512)
     face_detection: bool
-    face_margin: float = _range(0.0, 1.0)
+    face_margin: float = Field(ge=0.0, le=1.0)
     equalization: Literal["none", "global", "clahe"]
-    clahe_clip_limit: float = _range(0.1, 100.0)
+    clahe_clip_limit: float = Field(ge=0.1, le=100.0)
     denoise: Literal["none", "gaussian", "median"]
-    denoise_kernel: int = _range(3, 31)
-    max_bad_fraction: float = _range(0.0, 1.0)
-    workers: int = _range(0, 256)
+    denoise_kernel: int = Field(ge=3, le=31)
+    max_bad_fraction: float = Field(ge=0.0, le=1.0)
+    workers: int = Field(ge=0, le=256)
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check_kernel(self) -> PreprocessParams:
         if self.denoise_kernel % 2 == 0:
             raise ParamsError(
                 f"preprocess.denoise_kernel: {self.denoise_kernel} is even; "
                 "allowed: an odd number from 3 to 31"
             )
+        return self
 
 
-@dataclass(frozen=True)
-class ModelParams:
+class ModelParams(_Group):
     arch: str
-    dropout: float = _range(0.0, 0.9)
+    dropout: float = Field(ge=0.0, le=0.9)
 
 
-@dataclass(frozen=True)
-class AugmentationParams:
+class AugmentationParams(_Group):
     horizontal_flip: bool
-    rotation: float = _range(0.0, 0.5)
-    zoom: float = _range(0.0, 0.9)
-    translation: float = _range(0.0, 0.5)
-    random_erasing: float = _range(0.0, 1.0)
+    rotation: float = Field(ge=0.0, le=0.5)
+    zoom: float = Field(ge=0.0, le=0.9)
+    translation: float = Field(ge=0.0, le=0.5)
+    random_erasing: float = Field(ge=0.0, le=1.0)
 
 
 Monitor = Literal["val_accuracy", "val_loss", "accuracy", "loss"]
 
 
-@dataclass(frozen=True)
-class CheckpointParams:
+class CheckpointParams(_Group):
     monitor: Monitor
     save_best_only: bool
 
 
-@dataclass(frozen=True)
-class EarlyStoppingParams:
+class EarlyStoppingParams(_Group):
     enabled: bool
     monitor: Monitor
-    patience: int = _range(0, None)
+    patience: int = Field(ge=0)
     restore_best_weights: bool
 
 
-@dataclass(frozen=True)
-class ReduceLRParams:
+class ReduceLRParams(_Group):
     monitor: Monitor
-    factor: float = _range(0.0, 1.0)
-    patience: int = _range(0, None)
-    min_delta: float = _range(0.0, None)
+    factor: float = Field(ge=0.0, le=1.0)
+    patience: int = Field(ge=0)
+    min_delta: float = Field(ge=0.0)
 
 
-@dataclass(frozen=True)
-class TrainParams:
+class TrainParams(_Group):
     seed: int
-    epochs: int = _range(1, None)
-    batch_size: int = _range(1, None)
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
     steps_per_epoch: Literal["floor", "all"]
     optimizer: Literal["adam", "adamw"]
-    learning_rate: float = _range(0.0, 10.0)
-    weight_decay: float = _range(0.0, 1.0)
+    learning_rate: float = Field(ge=0.0, le=10.0)
+    weight_decay: float = Field(ge=0.0, le=1.0)
     lr_schedule: Literal["plateau", "cosine", "onecycle"]
-    warmup_epochs: int = _range(0, None)
+    warmup_epochs: int = Field(ge=0)
     class_weight: Literal["none", "balanced"]
-    label_smoothing: float = _range(0.0, 0.5)
-    bn_recalibration_batches: int = _range(0, None)
+    label_smoothing: float = Field(ge=0.0, le=0.5)
+    bn_recalibration_batches: int = Field(ge=0)
     precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"]
     augmentation: AugmentationParams
     checkpoint: CheckpointParams
@@ -140,28 +140,24 @@ class TrainParams:
     reduce_lr: ReduceLRParams
 
 
-@dataclass(frozen=True)
-class EvaluateParams:
-    batch_size: int = _range(1, None)
+class EvaluateParams(_Group):
+    batch_size: int = Field(ge=1)
     tta: bool
 
 
-@dataclass(frozen=True)
-class MlflowParams:
+class MlflowParams(_Group):
     experiment: str
     registered_model: str | None
     log_model: bool
 
 
-@dataclass(frozen=True)
-class GateParams:
+class GateParams(_Group):
     """Largest drop of each metric that `check_metrics` lets through."""
 
     tolerances: dict[str, float]
 
 
-@dataclass(frozen=True)
-class Params:
+class Params(_Group):
     data: DataParams
     preprocess: PreprocessParams
     model: ModelParams
@@ -177,90 +173,62 @@ def _describe(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_describe(a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return "null"
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
     if origin is dict:
         return "a mapping of names to numbers"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
-        tp, str(tp)
-    )
+    if tp is type(None):
+        return "null"
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    return names.get(tp, str(tp))
 
 
-_SCALARS: dict[Any, Callable[[Any], bool]] = {
-    type(None): lambda v: v is None,
-    bool: lambda v: isinstance(v, bool),
-    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-    # NaN would slip through every range check below (all comparisons are false)
-    float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
-    str: lambda v: isinstance(v, str) and bool(v),
-}
+_UNKNOWN = ("extra_forbidden", "invalid_key")  # a key not declared; one that is not a string
 
 
-def _is_number_mapping(value: Any) -> bool:
-    return isinstance(value, Mapping) and all(_SCALARS[float](v) for v in value.values())
-
-
-def _convert(tp: Any, value: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
-    if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(tp):
-            try:
-                return _convert(option, value, key)
-            except ParamsError:
-                continue
-    elif origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-    elif origin is dict:
-        if _is_number_mapping(value):
-            return {str(k): float(v) for k, v in value.items()}
-    elif _SCALARS[tp](value):
-        return float(value) if tp is float else value
-    raise ParamsError(f"{key}: {value!r} is not allowed; allowed: {_describe(tp)}")
-
-
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    if not isinstance(raw, Mapping):
-        raise ParamsError(f"{prefix}: expected a mapping of keys, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ParamsError(
-            f"{prefix}.{unknown[0]}: unknown key; allowed keys in {prefix}: " + ", ".join(fields)
-        )
-    values = {}
-    for name, f in fields.items():
-        key = f"{prefix}.{name}"
-        if name not in raw:
-            raise ParamsError(f"{key}: missing; add it to {PARAMS_FILE}")
-        value = _convert(hints[name], raw[name], key)
-        lo, hi = f.metadata.get("min"), f.metadata.get("max")
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
-            bounds = f"at least {lo}" if hi is None else f"from {lo} to {hi}"
-            raise ParamsError(f"{key}: {value!r} is out of range; allowed: {bounds}")
-        values[name] = value
-    return cls(**values)
+def _message(error: Mapping[str, Any], raw: Mapping[str, Any]) -> str:
+    """One pydantic error in this module's words: the dotted key, the value, what is allowed."""
+    if error["type"] == "value_error":  # a ParamsError from a validator above, already worded
+        return str(error["ctx"]["error"])
+    # follow the location down the groups to a key of one of them (not into a dict's entries)
+    parts: list[str] = []
+    group, tp = Params, Params
+    for part in error["loc"]:
+        # get_origin first: on Python 3.10 isinstance(dict[str, float], type) is true
+        if typing.get_origin(tp) or not (isinstance(tp, type) and issubclass(tp, _Group)):
+            break
+        group = tp
+        parts.append(str(part))
+        tp = getattr(group.model_fields.get(part), "annotation", None)
+    key, name = ".".join(parts), parts[-1]
+    if error["type"] in _UNKNOWN:
+        if group is Params:
+            return f"{key}: unknown params group; allowed groups: " + ", ".join(Params.model_fields)
+        where = key.rpartition(".")[0]
+        return f"{key}: unknown key; allowed keys in {where}: " + ", ".join(group.model_fields)
+    if error["type"] == "missing":
+        what = "params group missing" if group is Params else "missing"
+        return f"{key}: {what}; add it to {PARAMS_FILE}"
+    value = functools.reduce(operator.getitem, parts, raw)
+    if error["type"] == "model_type":
+        return f"{key}: expected a mapping of keys, got {value!r}"
+    if error["type"] in ("greater_than_equal", "less_than_equal"):
+        schema = group.model_json_schema()["properties"][name]
+        lo, hi = schema["minimum"], schema.get("maximum")
+        bounds = f"at least {lo}" if hi is None else f"from {lo} to {hi}"
+        shown = float(value) if tp is float else value
+        return f"{key}: {shown!r} is out of range; allowed: {bounds}"
+    return f"{key}: {value!r} is not allowed; allowed: {_describe(tp)}"
 
 
 def parse_params(raw: Mapping[str, Any]) -> Params:
     """Validate a params mapping (as read from YAML) into `Params`."""
     if not isinstance(raw, Mapping):
         raise ParamsError(f"{PARAMS_FILE}: expected a mapping of groups, got {raw!r}")
-    hints = typing.get_type_hints(Params)
-    unknown = sorted(set(raw) - set(hints))
-    if unknown:
-        raise ParamsError(
-            f"{unknown[0]}: unknown params group; allowed groups: " + ", ".join(hints)
-        )
-    missing = [name for name in hints if name not in raw]
-    if missing:
-        raise ParamsError(f"{missing[0]}: params group missing; add it to {PARAMS_FILE}")
-    return Params(**{name: _build(hints[name], raw[name], name) for name in hints})
+    try:
+        return Params.model_validate(dict(raw))
+    except ValidationError as exc:
+        # one error, the first, but an unknown key before all: a misspelt key is also missing
+        error = min(exc.errors(), key=lambda e: e["type"] not in _UNKNOWN)
+        raise ParamsError(_message(error, raw)) from None
 
 
 def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -305,19 +273,16 @@ def flatten(params: Params) -> dict[str, Any]:
     flat: dict[str, Any] = {}
 
     def walk(prefix: str, value: Any) -> None:
-        if dataclasses.is_dataclass(value):
-            for f in dataclasses.fields(value):
-                walk(f"{prefix}.{f.name}" if prefix else f.name, getattr(value, f.name))
-        elif isinstance(value, dict):
+        if isinstance(value, dict):
             for k, v in value.items():
-                walk(f"{prefix}.{k}", v)
+                walk(f"{prefix}.{k}" if prefix else k, v)
         else:
             flat[prefix] = value
 
-    walk("", params)
+    walk("", to_dict(params))
     return flat
 
 
 def to_dict(params: Params) -> dict[str, Any]:
     """Params as nested plain data (the shape of `params.yaml`)."""
-    return dataclasses.asdict(params)
+    return params.model_dump()

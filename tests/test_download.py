@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import zipfile
 from pathlib import Path
@@ -19,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def data_params(**changes) -> DataParams:
-    return dataclasses.replace(load_params(ROOT / "params.yaml").data, **changes)
+    return load_params(ROOT / "params.yaml").data.model_copy(update=changes)
 
 
 def counts_on_disk(raw: Path) -> dict[str, dict[str, int]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import struct
 import subprocess
@@ -368,21 +367,22 @@ def test_denoise_none_and_unknown() -> None:
 def test_model_input_is_a_square_uint8_of_picture_size(preprocess_params, shape) -> None:
     gray = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
     for size in (48, 64):
-        params = dataclasses.replace(preprocess_params, picture_size=size, equalization="clahe")
+        changes = {"picture_size": size, "equalization": "clahe"}
+        params = preprocess_params.model_copy(update=changes)
         out = to_model_input(gray, params)
         assert out.shape == (size, size)
         assert out.dtype == np.uint8
 
 
 def test_model_input_without_options_is_the_picture_itself(preprocess_params) -> None:
-    params = dataclasses.replace(preprocess_params, equalization="none", denoise="none")
+    params = preprocess_params.model_copy(update={"equalization": "none", "denoise": "none"})
     face = gradient(48, 48)
     np.testing.assert_array_equal(to_model_input(face, params), face)
 
 
 def test_model_input_resizes_then_equalizes_then_denoises(preprocess_params) -> None:
-    params = dataclasses.replace(
-        preprocess_params, picture_size=48, equalization="global", denoise="median"
+    params = preprocess_params.model_copy(
+        update={"picture_size": 48, "equalization": "global", "denoise": "median"}
     )
     rng = np.random.default_rng(5)
     face = cv2.resize(low_contrast(), (96, 96)) + rng.integers(0, 6, (96, 96), dtype=np.uint8)

@@ -49,6 +49,16 @@ BAD = {
     "float for int": ({"train.batch_size": 12.5}, "train.batch_size", "12.5", "an integer"),
     "bool for int": ({"train.epochs": True}, "train.epochs", "True", "an integer"),
     "bool for float": ({"train.learning_rate": False}, "train.learning_rate", "False", "a number"),
+    # what a lenient validator would quietly convert
+    "digits for int": ({"train.epochs": "5"}, "train.epochs", "'5'", "an integer"),
+    "whole float for int": ({"train.epochs": 5.0}, "train.epochs", "5.0", "an integer"),
+    "digits for float": (
+        {"train.learning_rate": "0.001"},
+        "train.learning_rate",
+        "'0.001'",
+        "a number",
+    ),
+    "number for string": ({"model.arch": 5}, "model.arch", "5", "a string"),
     "nan": ({"train.learning_rate": float("nan")}, "train.learning_rate", "nan", "a number"),
     "infinity": (
         {"train.reduce_lr.min_delta": float("inf")},
@@ -76,6 +86,12 @@ BAD = {
         "from 0.0 to 0.5",
     ),
     "below open range": ({"train.epochs": 0}, "train.epochs", "0", "at least 1"),
+    "int out of a float range": (
+        {"train.learning_rate": 20},
+        "train.learning_rate",
+        "20.0",
+        "from 0.0 to 10.0",
+    ),
     "bad literal": (
         {"preprocess.equalization": "fancy"},
         "preprocess.equalization",
@@ -99,6 +115,12 @@ BAD = {
         {"gate.tolerances": {"accuracy": "high"}},
         "gate.tolerances",
         "'high'",
+        "a mapping of names to numbers",
+    ),
+    "tolerance names not strings": (
+        {"gate.tolerances": {1: 0.1}},
+        "gate.tolerances",
+        "{1: 0.1}",
         "a mapping of names to numbers",
     ),
     "group not a mapping": ({"evaluate": [1, 2]}, "evaluate", "[1, 2]", "a mapping of keys"),
@@ -152,6 +174,26 @@ def test_unknown_key_lists_the_keys_of_its_group(raw: dict) -> None:
         "train.augmentation.shear: unknown key; allowed keys in train.augmentation: "
         "horizontal_flip, rotation, zoom, translation, random_erasing"
     )
+
+
+def test_misspelt_key_is_reported_as_unknown_not_as_missing(raw: dict) -> None:
+    raw["train"]["epoch"] = raw["train"].pop("epochs")
+    with pytest.raises(ParamsError, match=r"^train\.epoch: unknown key; allowed keys in train: "):
+        parse_params(raw)
+
+
+def test_key_that_is_not_a_string_is_unknown(raw: dict) -> None:
+    raw["evaluate"][1] = True
+    with pytest.raises(ParamsError) as caught:
+        parse_params(raw)
+    assert str(caught.value) == "evaluate.1: unknown key; allowed keys in evaluate: batch_size, tta"
+
+
+def test_params_are_immutable(raw: dict) -> None:
+    params = parse_params(raw)
+    with pytest.raises(ValueError, match="frozen"):
+        params.train.epochs = 1
+    assert params.train.epochs == raw["train"]["epochs"]
 
 
 @pytest.mark.parametrize(

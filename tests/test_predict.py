@@ -45,7 +45,7 @@ def make_model(path: Path, preprocess: PreprocessParams) -> Path:
     """The seed CNN, untrained, saved as .h5 and stamped with `preprocess`."""
     keras.utils.set_random_seed(0)
     size = preprocess.picture_size
-    model_params = dataclasses.replace(PARAMS.model, arch="seed")
+    model_params = PARAMS.model.model_copy(update={"arch": "seed"})
     build_model(model_params, (size, size, 1), len(CLASSES)).save(path)
     write_model_info(path, info_for(preprocess, "seed"))
     return path
@@ -244,12 +244,13 @@ def test_faces_are_prepared_with_the_models_own_params(
     capsys: pytest.CaptureFixture, tmp_path: Path, crops: Path, photos: dict[str, Path]
 ) -> None:
     """A model stamped with other preprocessing than params.yaml's gets faces made its way."""
-    own = dataclasses.replace(
-        PARAMS.preprocess,
-        picture_size=40,
-        equalization="clahe",
-        denoise="median",
-        face_margin=0.3,
+    own = PARAMS.preprocess.model_copy(
+        update={
+            "picture_size": 40,
+            "equalization": "clahe",
+            "denoise": "median",
+            "face_margin": 0.3,
+        }
     )
     assert own != PARAMS.preprocess
     path = make_model(tmp_path / "other.h5", own)

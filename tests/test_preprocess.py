@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import shutil
@@ -29,7 +28,7 @@ SPLITS = ("train", "validation")
 
 def make_params(**changes) -> PreprocessParams:
     base = load_params(ROOT / "params.yaml").preprocess
-    return dataclasses.replace(base, **{"workers": 1, **changes})
+    return base.model_copy(update={"workers": 1, **changes})
 
 
 @pytest.fixture(scope="module")

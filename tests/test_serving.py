@@ -4,7 +4,6 @@ scoring server (`mlflow models serve`) answering JSON over HTTP."""
 from __future__ import annotations
 
 import base64
-import dataclasses
 import io
 import json
 import subprocess
@@ -57,7 +56,7 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("model") / "model.h5"
     keras.utils.set_random_seed(0)
     size = PARAMS.preprocess.picture_size
-    model_params = dataclasses.replace(PARAMS.model, arch="seed")
+    model_params = PARAMS.model.model_copy(update={"arch": "seed"})
     build_model(model_params, (size, size, 1), len(CLASSES)).save(path)
     write_model_info(path, info_for(PARAMS.preprocess, "seed"))
     return path

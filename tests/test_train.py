@@ -4,7 +4,6 @@ the same weights from the same seed)."""
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
 from pathlib import Path
@@ -82,7 +81,7 @@ def faces(count: int, seed: int = 0) -> np.ndarray:
 
 
 def augment(images: np.ndarray, seed: tuple[int, int], **parts: object) -> np.ndarray:
-    params = dataclasses.replace(NO_AUGMENTATION, **parts)
+    params = NO_AUGMENTATION.model_copy(update=parts)
     out = augment_batch(tf.constant(images), tf.constant(seed, tf.int64), params)
     return out.numpy()
 
