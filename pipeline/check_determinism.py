@@ -24,6 +24,7 @@ import contextlib
 import difflib
 import hashlib
 import logging
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -102,9 +103,15 @@ def describe_difference(path: Path, before: Snapshot, after: Snapshot) -> str:
 
 
 def rerun(stages: list[str]) -> None:
+    """`dvc repro --force --single-item` with this Python's environment first on PATH, so
+    the stages' `python -m ...` commands run where this check runs (`.venv/bin/python`)."""
     command = [sys.executable, "-m", "dvc", "repro", "--force", "--single-item", *stages]
+    env = {
+        **os.environ,
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    }
     log.info("running again: %s", " ".join(["dvc", *command[3:]]))
-    if subprocess.call(command) != 0:
+    if subprocess.call(command, env=env) != 0:
         raise CheckError(f"the rerun failed: {' '.join(['dvc', *command[3:]])}")
 
 
