@@ -31,14 +31,16 @@ install: $(STAMP)  ## create .venv and install the project with its dev tools
 repro: install  ## run the whole pipeline (dvc repro) as params.yaml says
 	$(RUN) dvc repro
 
-test: install  ## lint, then run the test suite
+test: install  ## lint and the import contract, then the whole test suite
 	$(RUN) ruff check .
 	$(RUN) ruff format --check .
+	$(RUN) lint-imports
 	$(RUN) pytest
 
-lint: install  ## ruff only
+lint: install  ## ruff and the import contract only
 	$(RUN) ruff check .
 	$(RUN) ruff format --check .
+	$(RUN) lint-imports
 
 format: install  ## apply ruff's fixes and formatting
 	$(RUN) ruff check --fix .

@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     import_seconds = time.perf_counter() - started
 
     from pipeline.imageops import read_image
-    from pipeline.predict import ModelError, Report, iter_frames, load_predictor, run
+    from pipeline.predict import Report, iter_frames, run
+    from pipeline.predictor import ModelError, load_predictor
 
     started = time.perf_counter()
     try:

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_tta.py --model models/model.h5 [--data data/processed/validation]
 
-Each view (a shift of the face by whole pixels with mirrored edges, as `evaluate.tta_views`
+Each view (a shift of the face by whole pixels with mirrored edges, as `inference.tta_views`
 does, optionally mirrored left-right or zoomed in) is predicted once; every view set then
 averages its views' probabilities. `cross-2` is the evaluate stage's ten views
 (`evaluate.tta = true`), `single` its plain prediction. Prints a Markdown table.
@@ -23,7 +23,6 @@ import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-PAD = 4  # pixels of mirrored border: room for the largest shift below
 ZOOM = 1.1
 
 
@@ -53,21 +52,22 @@ def make_view(images, dy: int, dx: int, flip: bool, zoom: float):
     """One view of a [n, h, w, 1] float batch."""
     import tensorflow as tf
 
+    from pipeline.inference import shifted_view
+
     height, width = images.shape[1], images.shape[2]
     if zoom != 1.0:
         size = (round(height * zoom), round(width * zoom))
         images = tf.image.resize_with_crop_or_pad(
             tf.image.resize(images, size, method="bilinear"), height, width
         )
-    padded = tf.pad(images, [[0, 0], [PAD, PAD], [PAD, PAD], [0, 0]], mode="SYMMETRIC")
-    view = padded[:, PAD + dy : PAD + dy + height, PAD + dx : PAD + dx + width, :]
+    view = shifted_view(images, dy, dx)
     return tf.reverse(view, axis=[2]) if flip else view
 
 
 def study(model, images, labels: np.ndarray, batch_size: int) -> dict[str, dict[str, float]]:
     """Accuracy and macro F1 of every view set, scored as the evaluate stage scores them;
     each distinct view is predicted once."""
-    from pipeline.evaluate import compute_metrics
+    from pipeline.metrics import compute_metrics
 
     cache: dict[tuple, np.ndarray] = {}
     results = {}
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from pipeline.dataset import load_split
-    from pipeline.evaluate import load_model
+    from pipeline.inference import load_model
     from pipeline.machine import cpu_description
 
     try:

@@ -33,19 +33,15 @@ import tensorflow as tf
 
 from pipeline import CLASSES, preprocess, sources
 from pipeline.dataset import Split, load_split, training_input
-from pipeline.evaluate import TTA_VIEWS, predict_probabilities
+from pipeline.inference import TTA_VIEWS, predict_probabilities
 from pipeline.logs import setup_logging
 from pipeline.machine import cpu_description
 from pipeline.models import ARCHITECTURES, build_model, flops_per_image
 from pipeline.params import Params, ParamsError, load_params
 from pipeline.paths import PARAMS_FILE, Paths
+from pipeline.runtime import make_deterministic, resolve_precision
 from pipeline.sample import generate_sample
-from pipeline.train import (
-    balanced_class_weight,
-    make_deterministic,
-    make_optimizer,
-    resolve_precision,
-)
+from pipeline.train import balanced_class_weight, make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +141,7 @@ def in_memory_input(count: int, size: int, num_classes: int, batch_size: int, se
 
 
 def evaluate_rate(model, images, batch_size: int, tta: bool) -> float:
-    """Images/s of `evaluate.predict_probabilities` over `images`, after one warm-up pass.
+    """Images/s of `inference.predict_probabilities` over `images`, after one warm-up pass.
 
     The warm-up covers all of `images`, so the smaller last batch is traced before the clock
     starts too: the time is the model's, not TensorFlow's tracing.

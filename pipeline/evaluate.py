@@ -12,113 +12,21 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from pipeline import CLASSES
+from pipeline import CLASSES, tracking
+from pipeline.atomic import write_json_atomic, write_text_atomic
 from pipeline.cli import run_stage
+from pipeline.figures import plot_confusion
+from pipeline.inference import load_model, predict_probabilities
+from pipeline.metrics import best_epoch, compute_metrics, confusion_rows
+from pipeline.params import Params
 from pipeline.paths import Paths
-from pipeline.tracking import TrackingError, evaluate_tracked
-
-
-def load_model(path: Path):
-    """Load a saved model, with a clear error when it is missing or damaged."""
-    import keras
-
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no model; run the train stage first (dvc repro train)")
-    try:
-        return keras.models.load_model(path, compile=False)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: not a loadable Keras model ({exc})") from None
-
-
-TTA_SHIFT = 2  # pixels: about 4% of a 48-pixel face, inside the training's translations
-# (rows, columns) each view is shifted by: none, up, down, left, right; each also mirrored
-TTA_OFFSETS = ((0, 0), (-TTA_SHIFT, 0), (TTA_SHIFT, 0), (0, -TTA_SHIFT), (0, TTA_SHIFT))
-TTA_VIEWS = 2 * len(TTA_OFFSETS)
-
-
-def tta_views(images):
-    """Ten test-time views of a [n, h, w, 1] batch, as in ten-crop evaluation.
-
-    The batch itself and four copies shifted by `TTA_SHIFT` pixels up, down, left and
-    right, each also mirrored left-right. Shifting mirrors the edge rows and columns in
-    (they are not wrapped round from the opposite side), so every view is a plausible face.
-    """
-    import tensorflow as tf
-
-    s = TTA_SHIFT
-    height, width = images.shape[1], images.shape[2]
-    padded = tf.pad(images, [[0, 0], [s, s], [s, s], [0, 0]], mode="SYMMETRIC")
-    views = []
-    for dy, dx in TTA_OFFSETS:
-        view = padded[:, s + dy : s + dy + height, s + dx : s + dx + width, :]
-        views += [view, tf.reverse(view, axis=[2])]
-    return views
-
-
-def predict_probabilities(model, images, batch_size: int, tta: bool) -> np.ndarray:
-    """Class probabilities for a float batch in [0, 255]; averaged over TTA views when asked."""
-    if not tta:
-        return model.predict(images, batch_size=batch_size, verbose=0)
-    views = tta_views(images)
-    return np.mean([model.predict(v, batch_size=batch_size, verbose=0) for v in views], axis=0)
-
-
-def compute_metrics(
-    y_true: np.ndarray, probabilities: np.ndarray, class_names=CLASSES
-) -> tuple[dict, np.ndarray, str, object]:
-    """Accuracy, loss, F1 scores and per-class figures; the confusion matrix; the reports."""
-    import pandas as pd
-    from sklearn.metrics import classification_report, confusion_matrix, f1_score
-
-    labels = list(range(len(class_names)))
-    y_pred = probabilities.argmax(axis=1)
-    eps = 1e-7
-    picked = np.clip(probabilities[np.arange(len(y_true)), y_true], eps, 1.0)
-    report = classification_report(
-        y_true, y_pred, labels=labels, target_names=list(class_names),
-        output_dict=True, zero_division=0,
-    )  # fmt: skip
-    metrics = {
-        "accuracy": float(np.mean(y_pred == y_true)),
-        "loss": float(-np.mean(np.log(picked))),
-        "f1_macro": float(
-            f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)
-        ),
-        "f1_weighted": float(
-            f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)
-        ),
-        "per_class": {
-            name: {
-                "precision": float(report[name]["precision"]),
-                "recall": float(report[name]["recall"]),
-                "f1": float(report[name]["f1-score"]),
-                "support": int(report[name]["support"]),
-            }
-            for name in class_names
-        },
-    }
-    matrix = confusion_matrix(y_true, y_pred, labels=labels)
-    text = classification_report(
-        y_true, y_pred, labels=labels, target_names=list(class_names), digits=4, zero_division=0
-    )
-    frame = pd.DataFrame(report).transpose()
-    return metrics, matrix, text, frame
-
-
-def confusion_rows(y_true: np.ndarray, y_pred: np.ndarray, class_names=CLASSES) -> str:
-    """CSV with one `actual,predicted` row per image, as DVC's confusion template reads it."""
-    lines = ["actual,predicted"]
-    lines += [f"{class_names[a]},{class_names[p]}" for a, p in zip(y_true, y_pred, strict=True)]
-    return "\n".join(lines) + "\n"
+from pipeline.runtime import make_deterministic
+from pipeline.tracking import TrackingError
 
 
 def train_scores(history_csv: Path, monitor: str) -> dict[str, float]:
     """Training loss and accuracy of the epoch the checkpoint kept, from `history.csv`."""
     import pandas as pd
-
-    from pipeline.train import best_epoch
 
     rows = pd.read_csv(history_csv).to_dict("records")
     epoch = best_epoch(rows, monitor)
@@ -126,13 +34,12 @@ def train_scores(history_csv: Path, monitor: str) -> dict[str, float]:
     return {"epoch": epoch, "loss": float(row["loss"]), "accuracy": float(row["accuracy"])}
 
 
-def run(params, paths: Paths) -> dict:
+def run(params: Params, paths: Paths) -> dict:
+    """Score the model on the validation split and write the reports."""
+    # TensorFlow, here and in `dataset`: imported once the params are known to be good
     import tensorflow as tf
 
-    from pipeline.atomic import write_json_atomic, write_text_atomic
     from pipeline.dataset import load_split
-    from pipeline.figures import plot_confusion
-    from pipeline.train import make_deterministic
 
     make_deterministic(params.train.seed)
     model = load_model(paths.model)
@@ -165,12 +72,20 @@ def run(params, paths: Paths) -> dict:
     return metrics
 
 
+def run_tracked(params: Params, paths: Paths) -> dict:
+    """`run`, its metrics and reports added to the training's MLflow run."""
+    with tracking.evaluation_run(params, paths):
+        metrics = run(params, paths)
+        tracking.log_evaluation(metrics, paths)
+    return metrics
+
+
 def main(argv: list[str] | None = None) -> int:
     return run_stage(
         argv,
         stage="evaluate",
         description="Score models/model.h5 on the validation images (stage `evaluate`).",
-        work=evaluate_tracked,
+        work=run_tracked,
         errors=(FileNotFoundError, ValueError, TrackingError),
         tensorflow=True,
     )

@@ -1,10 +1,8 @@
 """`fer-predict`: the emotion of every face in photos, folders, videos or a camera.
 
-Faces are found and levelled by `faces.FaceDetector` / `faces.align_face` and
-turned into model input by `imageops.to_model_input`, with the preprocessing
-params stored inside the model file (`modelmeta.read_model_info`), so a face is
-prepared exactly as the faces the model was trained on. Crops from many files
-are classified together, `--batch-size` at a time.
+Faces are found, prepared and classified by `predictor.Predictor`, exactly as
+the faces the model was trained on were prepared. Crops from many files are
+classified together, `--batch-size` at a time.
 
 Output is one JSON line per face (and one per picture or frame without a face,
 or that could not be read):
@@ -26,7 +24,6 @@ import logging
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,229 +32,15 @@ import cv2
 import numpy as np
 
 from pipeline.atomic import write_bytes_atomic, write_text_atomic
-from pipeline.faces import FaceDetector, align_face, default_detector
-from pipeline.imageops import IMAGE_SUFFIXES, ImageError, read_image, to_model_input
+from pipeline.imageops import IMAGE_SUFFIXES, ImageError, read_image
 from pipeline.logs import VERBOSE_VARIABLE, import_tensorflow, setup_logging
-from pipeline.modelmeta import ModelInfo, read_model_info
 from pipeline.paths import Paths
+from pipeline.predictor import ModelError, Predictor, Result, load_predictor
 
 log = logging.getLogger(__name__)
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm"})
-MODEL_FILE = "model.h5"  # the Keras file inside a model logged by `serving.log_pyfunc_model`
-_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # runs:/, models:/, s3://; not C:/
 _JPEG_QUALITY = 95
-
-
-class ModelError(ValueError):
-    """The model cannot be used: missing, not loadable, or without its model info."""
-
-
-@dataclass(frozen=True)
-class FaceInput:
-    """One face: where it is, the tilt it was levelled by, and the model input made from it."""
-
-    box: tuple[int, int, int, int]
-    angle: float | None  # None when the whole picture was taken as the face
-    crop: np.ndarray  # picture_size² uint8, from `to_model_input`
-
-
-@dataclass
-class Result:
-    """Everything found in one picture or video frame."""
-
-    input: str
-    frame: int | None = None
-    faces: list[FaceInput] = field(default_factory=list)
-    probabilities: np.ndarray | None = None  # one row per face
-    error: str | None = None
-
-    @property
-    def name(self) -> str:
-        return self.input if self.frame is None else f"{self.input} frame {self.frame}"
-
-    def labels(self, classes: Sequence[str]) -> list[tuple[str, float]]:
-        """The top class and its probability, per face."""
-        if self.probabilities is None:
-            return []
-        return [(classes[int(row.argmax())], float(row.max())) for row in self.probabilities]
-
-    def records(self, classes: Sequence[str]) -> list[dict]:
-        """The JSON lines of this picture: one per face, or one saying why there is none."""
-        base = {"input": self.input, "frame": self.frame}
-        empty = {"face": None, "box": None, "angle": None, "label": None, "probabilities": None}
-        if self.error is not None:
-            return [{**base, "faces": None, **empty, "error": self.error}]
-        if not self.faces:
-            return [{**base, "faces": 0, **empty, "error": None}]
-        records = []
-        for index, (face, (label, _)) in enumerate(
-            zip(self.faces, self.labels(classes), strict=True)
-        ):
-            row = self.probabilities[index]
-            records.append(
-                {
-                    **base,
-                    "faces": len(self.faces),
-                    "face": index,
-                    "box": list(face.box),
-                    "angle": None if face.angle is None else round(face.angle, 2),
-                    "label": label,
-                    "probabilities": {
-                        name: round(float(p), 6) for name, p in zip(classes, row, strict=True)
-                    },
-                    "error": None,
-                }
-            )
-        return records
-
-    def summary(self, classes: Sequence[str]) -> str:
-        """One line for a person: `photo.jpg: 1 face — happy 0.87`."""
-        if self.error is not None:
-            return f"{self.name}: error: {self.error}"
-        if not self.faces:
-            return f"{self.name}: no face found"
-        count = len(self.faces)
-        found = ", ".join(f"{label} {p:.2f}" for label, p in self.labels(classes))
-        return f"{self.name}: {count} face{'s' if count > 1 else ''} — {found}"
-
-
-class Predictor:
-    """A trained model with the face preparation it was trained with."""
-
-    def __init__(
-        self,
-        model,
-        info: ModelInfo,
-        batch_size: int = 64,
-        detector: FaceDetector | None = None,
-    ) -> None:
-        size = info.preprocess.picture_size
-        expected = (None, size, size, 1)
-        if tuple(model.input_shape) != expected:
-            raise ModelError(
-                f"the model takes inputs of shape {tuple(model.input_shape)}, but its model "
-                f"info says {size}×{size} grayscale; the file was stamped for another model"
-            )
-        if model.output_shape[-1] != len(info.classes):
-            raise ModelError(
-                f"the model has {model.output_shape[-1]} outputs but its model info names "
-                f"{len(info.classes)} classes"
-            )
-        if batch_size < 1:
-            raise ValueError(f"batch_size: {batch_size} must be at least 1")
-        self.model = model
-        self.info = info
-        self.batch_size = batch_size
-        self._detector = detector
-
-    @property
-    def classes(self) -> tuple[str, ...]:
-        return self.info.classes
-
-    @property
-    def detector(self) -> FaceDetector:
-        if self._detector is None:
-            self._detector = default_detector()
-        return self._detector
-
-    def face_inputs(self, gray: np.ndarray, detect: bool = True) -> list[FaceInput]:
-        """The faces in a grayscale picture, largest first, each made into model input.
-
-        With `detect` off the whole picture is the face, as in the FER datasets."""
-        params = self.info.preprocess
-        if not detect:
-            height, width = gray.shape
-            return [FaceInput((0, 0, width, height), None, to_model_input(gray, params))]
-        return [
-            FaceInput(
-                face.box,
-                face.angle,
-                to_model_input(align_face(gray, face, params.face_margin), params),
-            )
-            for face in self.detector.detect(gray)
-        ]
-
-    def probabilities(self, crops: Sequence[np.ndarray], tta: bool = False) -> np.ndarray:
-        """Class probabilities, one row per crop; averaged over `evaluate.tta_views` with `tta`."""
-        from pipeline.evaluate import tta_views
-
-        if len(crops) == 0:
-            return np.zeros((0, len(self.classes)), np.float32)
-        batch = np.stack(crops).astype(np.float32)[..., np.newaxis]
-        parts = []
-        for start in range(0, len(batch), self.batch_size):
-            chunk = batch[start : start + self.batch_size]
-            views = tta_views(chunk) if tta else [chunk]
-            parts.append(
-                np.mean([np.asarray(self.model.predict_on_batch(v)) for v in views], axis=0)
-            )
-        return np.concatenate(parts)
-
-    def classify(self, results: Sequence[Result], tta: bool = False) -> None:
-        """Fill in the probabilities of every face of `results`, in one batched pass."""
-        crops = [face.crop for result in results for face in result.faces]
-        probabilities = self.probabilities(crops, tta)
-        start = 0
-        for result in results:
-            if result.error is None:
-                result.probabilities = probabilities[start : start + len(result.faces)]
-                start += len(result.faces)
-
-
-def is_model_uri(reference: str) -> bool:
-    """True for an MLflow URI (`runs:/…`, `models:/…`, `s3://…`), False for a file path."""
-    return bool(_URI.match(str(reference)))
-
-
-def _load_model_file(path: Path, batch_size: int) -> Predictor:
-    from pipeline.evaluate import load_model
-
-    if not path.is_file():
-        raise ModelError(
-            f"{path}: no model; run the train stage first (dvc repro train) or name one "
-            "with --model"
-        )
-    try:
-        info = read_model_info(path)  # first: it refuses an unstamped model cheaply
-        model = load_model(path)
-    except (FileNotFoundError, ValueError) as exc:
-        raise ModelError(str(exc)) from None
-    return Predictor(model, info, batch_size)
-
-
-def _find_model_file(downloaded: Path, uri: str) -> Path:
-    if downloaded.is_file():
-        return downloaded
-    found = sorted(downloaded.rglob(MODEL_FILE))
-    if len(found) != 1:
-        held = ", ".join(sorted(p.name for p in downloaded.iterdir())) or "nothing"
-        raise ModelError(
-            f"{uri}: expected one {MODEL_FILE} in the logged model, found {len(found)} "
-            f"(it holds: {held}); log the model with pipeline.serving.log_pyfunc_model"
-        )
-    return found[0]
-
-
-def load_predictor(reference: str | Path, batch_size: int = 64) -> Predictor:
-    """A model file, or an MLflow model URI whose `model.h5` artifact is downloaded."""
-    if not is_model_uri(str(reference)):
-        return _load_model_file(Path(reference), batch_size)
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    with tempfile.TemporaryDirectory(prefix="fer-model-") as tmp:
-        try:
-            downloaded = mlflow.artifacts.download_artifacts(
-                artifact_uri=str(reference), dst_path=tmp
-            )
-        except (MlflowException, OSError) as exc:
-            message = getattr(exc, "message", None) or str(exc)
-            raise ModelError(
-                f"{reference}: cannot download from MLflow at {mlflow.get_tracking_uri()} "
-                f"({message}); set MLFLOW_TRACKING_URI to the store the model was logged in"
-            ) from None
-        return _load_model_file(_find_model_file(Path(downloaded), str(reference)), batch_size)
 
 
 # --- inputs -----------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ Called in-process, `EmotionModel.predict` also takes base64 strings in that
 column, numpy arrays (H×W grayscale or H×W×3 RGB uint8) in it, or a bare
 array (one picture; a 4-D array or a list is several). `mlflow.pyfunc.load_model`
 enforces the signature, so pass arrays through its `unwrap_python_model()`. Faces are found and
-prepared as `fer-predict` does (`predict.Predictor`); an optional boolean column
+prepared as `fer-predict` does (`predictor.Predictor`); an optional boolean column
 `detect`, or the param `detect`, set to false takes each picture as an already
 cropped face. The param `tta` averages over flips and shifted crops.
 
@@ -28,9 +28,12 @@ served JSON says `null`; cast with `frame[list(classes)].astype(float)`.
 
 from __future__ import annotations
 
+import ast
 import base64
 import binascii
 import importlib.metadata
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -42,9 +45,10 @@ import pandas as pd
 
 import pipeline
 from pipeline import CLASSES
-from pipeline.imageops import ImageError, decode_image
+from pipeline.imageops import ImageError, decode_image, encode_png
 from pipeline.modelmeta import read_model_info
-from pipeline.predict import Predictor, Result, load_predictor
+from pipeline.predictor import Predictor, Result, load_predictor
+from pipeline.sample import draw_image
 
 MODEL_ARTIFACT = "model"  # key of the model.h5 in the logged model's artifacts
 IMAGE_COLUMN = "image"
@@ -59,6 +63,7 @@ _REQUIREMENTS = (
     "pandas",
     "opencv-python-headless",
     "pillow",
+    "pydantic",
     "pyyaml",
 )
 
@@ -206,9 +211,6 @@ def _signature(classes: Sequence[str]):
 
 def _input_example(picture_size: int) -> pd.DataFrame:
     """One drawn face from the embedded sample, as PNG bytes."""
-    from pipeline.imageops import encode_png
-    from pipeline.sample import draw_image
-
     face = draw_image("happy", np.random.default_rng(0), max(picture_size, 48))
     return pd.DataFrame({IMAGE_COLUMN: [encode_png(face)]})
 
@@ -221,6 +223,47 @@ def pip_requirements() -> list[str]:
     return [f"{name}=={importlib.metadata.version(name)}" for name in names]
 
 
+def served_modules(start: str = __name__) -> list[str]:
+    """`start` and every `pipeline` module it imports, directly or not, read from their
+    import statements (function-level ones too): the code the served model needs, and
+    nothing of the stages or the research tools."""
+    package = Path(pipeline.__file__).parent
+    found: set[str] = set()
+    todo = [start]
+    while todo:
+        name = todo.pop()
+        if name in found:
+            continue
+        found.add(name)
+        tree = ast.parse((package / f"{name.rsplit('.', 1)[-1]}.py").read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            else:
+                continue
+            todo += [
+                n
+                for n in names
+                if n.count(".") == 1 and (package / f"{n[9:]}.py").is_file()
+                if n.startswith("pipeline.")
+            ]
+    return sorted(found)
+
+
+def _packed_code(folder: Path) -> Path:
+    """A `pipeline` package in `folder` holding only `served_modules()`."""
+    package = Path(pipeline.__file__).parent
+    packed = folder / "pipeline"
+    packed.mkdir()
+    shutil.copy2(package / "__init__.py", packed / "__init__.py")
+    for name in served_modules():
+        module = name.removeprefix("pipeline.")
+        shutil.copy2(package / f"{module}.py", packed / f"{module}.py")
+    return packed
+
+
 def log_pyfunc_model(
     model_path: Path,
     artifact_path: str = "emotion_model",
@@ -228,22 +271,23 @@ def log_pyfunc_model(
 ):
     """Log `model_path` as an `EmotionModel` pyfunc into the active MLflow run.
 
-    The model.h5 goes in as an artifact, the `pipeline` package as code, with a
-    signature, an input example and pinned pip requirements. Returns MLflow's
-    `ModelInfo`; serve it with
+    The model.h5 goes in as an artifact, the modules of `pipeline` it needs as code
+    (`served_modules`), with a signature, an input example and pinned pip
+    requirements. Returns MLflow's `ModelInfo`; serve it with
     `mlflow models serve -m runs:/<run id>/<artifact_path> --env-manager local`.
     """
     if mlflow.active_run() is None:
         raise RuntimeError("log_pyfunc_model logs into the active run; start one first")
     info = read_model_info(model_path)  # refuses a model without its preprocessing stamp
     name_argument = "name" if int(mlflow.__version__.split(".")[0]) >= 3 else "artifact_path"
-    return mlflow.pyfunc.log_model(
-        **{name_argument: artifact_path},
-        python_model=EmotionModel(),
-        artifacts={MODEL_ARTIFACT: str(model_path)},
-        code_paths=[str(Path(pipeline.__file__).parent)],
-        signature=_signature(info.classes),
-        input_example=_input_example(info.preprocess.picture_size),
-        pip_requirements=pip_requirements(),
-        registered_model_name=registered_model_name,
-    )
+    with tempfile.TemporaryDirectory(prefix="fer-served-code-") as folder:
+        return mlflow.pyfunc.log_model(
+            **{name_argument: artifact_path},
+            python_model=EmotionModel(),
+            artifacts={MODEL_ARTIFACT: str(model_path)},
+            code_paths=[str(_packed_code(Path(folder)))],
+            signature=_signature(info.classes),
+            input_example=_input_example(info.preprocess.picture_size),
+            pip_requirements=pip_requirements(),
+            registered_model_name=registered_model_name,
+        )

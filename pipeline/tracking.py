@@ -36,10 +36,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mlflow
+import numpy as np
+import pandas as pd
+import yaml
+from dvc_data.hashfile.build import build
+from dvc_data.hashfile.db import HashFileDB
+from dvc_objects.fs.local import LocalFileSystem
+from mlflow import MlflowClient
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model, infer_signature
+
 from pipeline import CLASSES
+from pipeline.atomic import write_json_atomic
+from pipeline.imageops import read_image
 from pipeline.machine import machine_tags
-from pipeline.params import Params, flatten
-from pipeline.paths import Paths
+from pipeline.params import Params, ParamsError, flatten, load_params
+from pipeline.paths import PARAMS_FILE, Paths
+from pipeline.runtime import resolve_precision
+from pipeline.serving import log_pyfunc_model
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +160,6 @@ def _reason(exc: Exception) -> str:
 
 def check_reachable(uri: str, root: Path) -> None:
     """Fail fast, before any training, when the store at `uri` cannot be used."""
-    from mlflow import MlflowClient
 
     try:
         with _short_http_timeouts():
@@ -166,8 +182,6 @@ def _artifact_location(root: Path, experiment: str) -> str:
 
 def open_experiment(name: str, uri: str, artifact_location: str | None) -> str:
     """The id of experiment `name`, created on first use with `artifact_location`."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name(name)
@@ -194,7 +208,6 @@ def open_experiment(name: str, uri: str, artifact_location: str | None) -> str:
 
 def connect(experiment: str) -> tuple[str, str]:
     """Point MLflow at the project's store, check it answers, return (uri, experiment id)."""
-    import mlflow
 
     root = project_root()
     uri = tracking_uri(root)
@@ -243,7 +256,6 @@ def git_tags(paths: Paths) -> dict[str, str]:
 
 
 def _locked_md5(lock_file: Path, out: str) -> str | None:
-    import yaml
 
     try:
         with lock_file.open(encoding="utf-8") as fh:
@@ -258,9 +270,6 @@ def _locked_md5(lock_file: Path, out: str) -> str | None:
 
 
 def _computed_md5(folder: Path) -> str:
-    from dvc_data.hashfile.build import build
-    from dvc_data.hashfile.db import HashFileDB
-    from dvc_objects.fs.local import LocalFileSystem
 
     fs = LocalFileSystem()
     with tempfile.TemporaryDirectory() as scratch:
@@ -288,10 +297,8 @@ def data_md5(paths: Paths) -> str | None:
 
 
 def run_tags(params: Params, paths: Paths, md5: str | None) -> dict[str, str]:
-    import keras
+    import keras  # Keras and TensorFlow: only once a stage has checked its params
     import tensorflow as tf
-
-    from pipeline.train import resolve_precision
 
     tags = {
         **git_tags(paths),
@@ -323,9 +330,6 @@ def dataset_name(params: Params) -> str:
 def log_dataset(params: Params, paths: Paths, digest: str | None) -> None:
     """`data/processed` as the run's dataset input, with DVC's hash as its digest, so the
     runs table's Dataset column says what each model learned from."""
-    import mlflow
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
 
     with warnings.catch_warnings():  # two equal local sources registered (mlflow's own doing)
         warnings.simplefilter("ignore", UserWarning)
@@ -341,25 +345,24 @@ def _param_values(params: Params) -> dict[str, str]:
 def epoch_logger():
     """A Keras callback logging loss, accuracy, val_loss, val_accuracy and lr, step = epoch.
 
-    Epochs count from 1, as in `reports/history.csv`; `lr` is the rate the epoch used.
+    Epochs count from 1, as in `reports/history.csv`; `lr` is the rate the epoch used,
+    as the learning-rate callbacks put it in the logs (`learning_rate`).
     """
     import keras
-    import mlflow
 
     class EpochLogger(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-            self.rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            values = {k: float(v) for k, v in (logs or {}).items() if k in EPOCH_METRICS}
-            mlflow.log_metrics({**values, "lr": self.rate}, step=epoch + 1)
+            logs = logs or {}
+            values = {k: float(v) for k, v in logs.items() if k in EPOCH_METRICS}
+            if "learning_rate" in logs:
+                values["lr"] = float(logs["learning_rate"])
+            mlflow.log_metrics(values, step=epoch + 1)
 
     return EpochLogger()
 
 
 def _log_file(path: Path, root: Path) -> None:
     """Log `path` under the same folder as in the project (`reports/figures/...`)."""
-    import mlflow
 
     if not path.is_file():
         log.warning("%s: missing, not logged to MLflow", path)
@@ -370,9 +373,6 @@ def _log_file(path: Path, root: Path) -> None:
 
 def _input_example(paths: Paths, count: int = 2):
     """A few validation images as the model takes them: float32 [n, size, size, 1] in [0, 255]."""
-    import numpy as np
-
-    from pipeline.imageops import read_image
 
     files = sorted((paths.processed / "validation").glob("*/*.png"))[:count]
     return np.stack([read_image(f)[..., None] for f in files]).astype("float32")
@@ -381,7 +381,8 @@ def _input_example(paths: Paths, count: int = 2):
 def _save_keras_model(path: str, **kwargs: Any) -> None:
     """`mlflow.keras.save_model`, with the model folder made first: MLflow writes the input
     example before it creates the folder (mlflow/mlflow#16183, still open in MLflow 3)."""
-    import mlflow.keras
+
+    import mlflow.keras  # imports Keras, and so TensorFlow: not before the params are good
 
     Path(path).mkdir(parents=True, exist_ok=True)
     mlflow.keras.save_model(path=path, **kwargs)
@@ -391,9 +392,6 @@ def log_models(params: Params, paths: Paths) -> None:
     """`model.h5` in MLflow's Keras 3 flavour, and as the pyfunc image model for serving."""
     import keras
     import tensorflow as tf
-    from mlflow.models import Model, infer_signature
-
-    from pipeline.serving import log_pyfunc_model
 
     model = keras.models.load_model(paths.model, compile=False)
     example = _input_example(paths)
@@ -429,8 +427,6 @@ def log_training_outputs(params: Params, paths: Paths) -> None:
 
 def log_history(history_csv: Path) -> None:
     """The per-epoch curves from `history.csv`, for a run that did not watch the training."""
-    import mlflow
-    import pandas as pd
 
     for row in pd.read_csv(history_csv).to_dict("records"):
         values = {k: float(row[k]) for k in (*EPOCH_METRICS, "lr")}
@@ -449,7 +445,6 @@ def evaluation_metrics(metrics: dict) -> dict[str, float]:
 
 
 def log_evaluation(metrics: dict, paths: Paths) -> None:
-    import mlflow
 
     mlflow.log_metrics(evaluation_metrics(metrics))
     for path in (paths.classification_report, paths.confusion_figure):
@@ -480,7 +475,6 @@ def sigterm_raises() -> Iterator[None]:
 @contextlib.contextmanager
 def ending_run() -> Iterator[None]:
     """End the active run FINISHED, or KILLED on Ctrl-C or SIGTERM, or FAILED on an error."""
-    import mlflow
 
     try:
         yield
@@ -495,8 +489,6 @@ def ending_run() -> Iterator[None]:
 
 
 def write_run_info(path: Path, info: RunInfo) -> None:
-    from pipeline.atomic import write_json_atomic
-
     write_json_atomic(path, info.__dict__)
 
 
@@ -510,11 +502,14 @@ def read_run_info(path: Path) -> RunInfo | None:
         return None
 
 
-def train_tracked(params: Params, paths: Paths):
-    """The train stage inside a new MLflow run; returns `train.run`'s result."""
-    import mlflow
+@contextlib.contextmanager
+def training_run(params: Params, paths: Paths) -> Iterator[list]:
+    """A new MLflow run around a training; yields the Keras callbacks that log its epochs.
 
-    from pipeline.train import run as train
+    Before: params, tags (commit, data hash, CPU, versions) and the dataset. After the
+    training: its reports and model, and `models/run.json` naming the run for
+    `evaluate`. The run ends FINISHED, FAILED or KILLED (`ending_run`).
+    """
 
     uri, experiment_id = connect(params.mlflow.experiment)
     with sigterm_raises(), ending_run():
@@ -526,17 +521,14 @@ def train_tracked(params: Params, paths: Paths):
         md5 = data_md5(paths)
         mlflow.set_tags({**run_tags(params, paths, md5), STAGE_TAG: "training"})
         log_dataset(params, paths, md5)
-        result = train(params, paths, extra_callbacks=[epoch_logger()])
+        yield [epoch_logger()]
         log_training_outputs(params, paths)
         write_run_info(paths.run_info, RunInfo(run.info.run_id, experiment_id, uri))
         mlflow.set_tag(STAGE_TAG, "trained")
-    return result
 
 
 def _resumable(info: RunInfo | None, params: Params, uri: str, run_info: Path) -> str | None:
     """Why the training run cannot take this evaluation, or None when it can."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
     if info is None:
         return f"{run_info} names no MLflow run"
@@ -560,17 +552,15 @@ def _resumable(info: RunInfo | None, params: Params, uri: str, run_info: Path) -
     return None
 
 
-def evaluate_tracked(params: Params, paths: Paths) -> dict:
-    """The evaluate stage, added to the training's run, which it ends FINISHED again.
+@contextlib.contextmanager
+def evaluation_run(params: Params, paths: Paths) -> Iterator[None]:
+    """The training's MLflow run reopened around an evaluation, ended FINISHED again.
 
     When that run cannot take it (it is in another store, deleted, or holds
     other values of the `evaluate` params, as after `dvc exp run -S
     evaluate.tta=true`), the evaluation goes to a new run that also gets the training's record from
     the files: params, tags, curves from `history.csv`, reports and model.
     """
-    import mlflow
-
-    from pipeline.evaluate import run as evaluate
 
     uri, experiment_id = connect(params.mlflow.experiment)
     info = read_run_info(paths.run_info)
@@ -590,21 +580,40 @@ def evaluate_tracked(params: Params, paths: Paths) -> dict:
             log_history(paths.history)
             log_training_outputs(params, paths)
         log.info("MLflow run %s (%s) in %s", run.info.run_name, run.info.run_id, uri)
-        metrics = evaluate(params, paths)
-        log_evaluation(metrics, paths)
+        yield
         mlflow.set_tag(STAGE_TAG, "evaluated")
-    return metrics
 
 
 # ---------------------------------------------------------------- `ui`
 
 
-def ui(host: str, port: int) -> int:
-    """Run `mlflow ui` on the project's store until Ctrl-C."""
+def experiment_url(base: str, experiment_id: str) -> str:
+    """The runs table of an experiment in MLflow's UI, in its model-training view (MLflow 3
+    opens in its GenAI view, whatever the experiment is, unless the link asks)."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def _experiment_id(uri: str, experiment: str) -> str | None:
+    try:
+        with _short_http_timeouts():
+            found = MlflowClient(tracking_uri=uri).get_experiment_by_name(experiment)
+    except Exception:  # the UI still starts; it just opens on its home page
+        return None
+    return found.experiment_id if found else None
+
+
+def ui(host: str, port: int, experiment: str | None = None) -> int:
+    """Run `mlflow ui` on the project's store until Ctrl-C; print the link to the runs of
+    `experiment` (default: the project's `mlflow.experiment`)."""
     root = project_root()
     uri = tracking_uri(root)
+    if experiment is None:
+        with contextlib.suppress(OSError, ParamsError):  # then the UI opens on its home page
+            experiment = load_params(root / PARAMS_FILE).mlflow.experiment
+    found = _experiment_id(uri, experiment) if experiment else None
     if is_remote(uri):
-        print(f"runs are tracked on the server {uri} (MLFLOW_TRACKING_URI): open it in a browser")
+        where = experiment_url(uri, found) if found else uri
+        print(f"runs are tracked on the server {uri} (MLFLOW_TRACKING_URI): open {where}")
         return 0
     command = [
         sys.executable, "-m", "mlflow", "ui",
@@ -612,7 +621,9 @@ def ui(host: str, port: int) -> int:
         "--artifacts-destination", str(root / ARTIFACTS_DIR),
         "--host", host, "--port", str(port), "--workers", "1",
     ]  # fmt: skip
-    print(f"MLflow UI for {uri} at http://{host}:{port} (Ctrl-C stops it)", flush=True)
+    base = f"http://{host}:{port}"
+    where = experiment_url(base, found) if found else base
+    print(f"MLflow UI for {uri}: {where} (Ctrl-C stops it)", flush=True)
     try:
         return subprocess.call(command)
     except KeyboardInterrupt:
@@ -628,8 +639,12 @@ def main(argv: list[str] | None = None) -> int:
     ui_parser = commands.add_parser("ui", help="browse the runs with `mlflow ui`")
     ui_parser.add_argument("--host", default="127.0.0.1", help="interface to listen on")
     ui_parser.add_argument("--port", type=int, default=5000, help="port to listen on")
+    ui_parser.add_argument(
+        "--experiment",
+        help="the experiment whose runs to link to (default: params.yaml mlflow.experiment)",
+    )
     args = parser.parse_args(argv)
-    return ui(args.host, args.port)
+    return ui(args.host, args.port, args.experiment)
 
 
 if __name__ == "__main__":

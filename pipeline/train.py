@@ -18,12 +18,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline import CLASSES, tracking
+from pipeline.atomic import write_text_atomic
 from pipeline.cli import run_stage
+from pipeline.figures import plot_training_curves
 from pipeline.logs import is_terminal
-from pipeline.machine import cpu_has_native_bfloat16
+from pipeline.metrics import best_epoch
+from pipeline.modelmeta import info_for, write_model_info
 from pipeline.params import Params, TrainParams
 from pipeline.paths import Paths
-from pipeline.tracking import TrackingError, train_tracked
+from pipeline.runtime import make_deterministic, resolve_precision
+from pipeline.tracking import TrackingError
 
 log = logging.getLogger(__name__)
 
@@ -36,46 +41,6 @@ class TrainResult:
     best_epoch: int
     seconds: float
     train_images_per_second: float
-
-
-def make_deterministic(seed: int) -> None:
-    """Seed Python, NumPy and TensorFlow, and make TensorFlow's ops deterministic.
-
-    Op determinism alone is not enough on a multi-core CPU: when TensorFlow runs
-    independent ops side by side (inter-op parallelism), they share the intra-op
-    thread pool, and oneDNN's kernels then split and sum their work in an order that
-    depends on scheduling. Two processes training the default sample for one epoch
-    ended with losses 2.0828 and 2.0852; with one op at a time (each op still using
-    every core) they agree to the last bit, for about 7% more time.
-    """
-    import keras
-    import tensorflow as tf
-
-    keras.utils.set_random_seed(seed)
-    tf.config.experimental.enable_op_determinism()
-    if tf.config.threading.get_inter_op_parallelism_threads() != 1:
-        try:
-            tf.config.threading.set_inter_op_parallelism_threads(1)
-        except RuntimeError:
-            # TensorFlow was started earlier in this process (e.g. a notebook that
-            # already ran a model), and its thread pools are fixed by then.
-            log.warning(
-                "TensorFlow already runs several ops at once in this process, so on a "
-                "multi-core CPU the results may differ in the last digits from run to "
-                "run; run the stage in a fresh process (python -m pipeline.train) for "
-                "bit-identical results"
-            )
-
-
-def resolve_precision(precision: str) -> str:
-    """The Keras dtype policy for `train.precision`; `auto` picks the fastest safe one."""
-    if precision != "auto":
-        return precision
-    import tensorflow as tf
-
-    if tf.config.list_physical_devices("GPU"):
-        return "mixed_float16"
-    return "mixed_bfloat16" if cpu_has_native_bfloat16() else "float32"
 
 
 def learning_rate_at(epoch: int, train: TrainParams) -> float:
@@ -156,29 +121,16 @@ def model_summary_text(model) -> str:
 
 
 def write_history(history: list[dict[str, float]], path: Path) -> None:
-    from pipeline.atomic import write_text_atomic
-
     write_text_atomic(path, history_frame(history).to_csv(index=False, float_format="%.6g"))
-
-
-def best_epoch(history: list[dict[str, float]], monitor: str) -> int:
-    """The 1-based epoch ModelCheckpoint kept: the first with the best `monitor`."""
-    mode_max = "acc" in monitor or monitor.startswith("val_f")
-    values = [row[monitor] for row in history]
-    best = max(values) if mode_max else min(values)
-    return values.index(best) + 1
 
 
 def run(params: Params, paths: Paths, extra_callbacks: list | None = None) -> TrainResult:
     """Train `model.arch` with `train.*` and write the model and the training reports."""
+    # Keras and TensorFlow, here and in these modules: imported once the params are good
     import keras
 
-    from pipeline import CLASSES
-    from pipeline.atomic import write_text_atomic
     from pipeline.callbacks import RecalibrateBatchNorm
     from pipeline.dataset import evaluation_input, load_split, steps_per_epoch, training_input
-    from pipeline.figures import plot_training_curves
-    from pipeline.modelmeta import info_for, write_model_info
     from pipeline.models import build_model
 
     train = params.train
@@ -207,14 +159,9 @@ def run(params: Params, paths: Paths, extra_callbacks: list | None = None) -> Tr
         summary = model_summary_text(model)
         write_text_atomic(paths.model_summary, summary)
 
-        rates: list[float] = []
-        record_lr = keras.callbacks.LambdaCallback(
-            on_epoch_begin=lambda epoch, logs: rates.append(
-                float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
-            )
-        )
-        # after the schedule, which sets each epoch's rate in its own on_epoch_begin
-        callbacks = [*make_callbacks(train, paths.model), record_lr, *(extra_callbacks or [])]
+        # the schedule's callback logs each epoch's rate as `learning_rate`, before the
+        # extra callbacks (MLflow's) read the logs
+        callbacks = [*make_callbacks(train, paths.model), *(extra_callbacks or [])]
         class_weight = (
             balanced_class_weight(train_split.labels, len(CLASSES))
             if train.class_weight == "balanced"
@@ -250,7 +197,7 @@ def run(params: Params, paths: Paths, extra_callbacks: list | None = None) -> Tr
             {
                 "epoch": epoch + 1,
                 **{k: float(fit.history[k][epoch]) for k in HISTORY_COLUMNS[1:5]},
-                "lr": rates[epoch],
+                "lr": float(fit.history["learning_rate"][epoch]),
             }
             for epoch in range(epochs_run)
         ]
@@ -286,12 +233,18 @@ def history_frame(history: list[dict[str, float]]):
     return pd.DataFrame(history, columns=HISTORY_COLUMNS)
 
 
+def run_tracked(params: Params, paths: Paths) -> TrainResult:
+    """`run` inside a new MLflow run that records its params, curves, reports and model."""
+    with tracking.training_run(params, paths) as callbacks:
+        return run(params, paths, extra_callbacks=callbacks)
+
+
 def main(argv: list[str] | None = None) -> int:
     return run_stage(
         argv,
         stage="train",
         description="Train the emotion CNN on data/processed (stage `train`).",
-        work=train_tracked,
+        work=run_tracked,
         errors=(FileNotFoundError, ValueError, TrackingError),
         tensorflow=True,
     )

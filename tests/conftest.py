@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.params import Params, load_params, to_dict
+from pipeline.params import Params, PreprocessParams, load_params, to_dict
 from pipeline.paths import Paths
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +50,45 @@ GIT_IDENTITY = {
     "GIT_COMMITTER_NAME": "Test",
     "GIT_COMMITTER_EMAIL": "test@example.invalid",
 }
+
+
+def git(cwd: Path, *args: str) -> str:
+    """Run git in `cwd` with the test identity; its output, stripped."""
+    done = subprocess.run(
+        ["git", *args],
+        cwd=cwd,
+        env=subprocess_env(**GIT_IDENTITY),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout.strip()
+
+
+def untrained_model(path: Path, preprocess: PreprocessParams) -> Path:
+    """The seed CNN, untrained (seed 0), saved as .h5 and stamped with `preprocess`."""
+    import keras
+
+    from pipeline import CLASSES
+    from pipeline.modelmeta import info_for, write_model_info
+    from pipeline.models import build_model
+
+    keras.utils.set_random_seed(0)
+    size = preprocess.picture_size
+    model_params = tiny_params().model.model_copy(update={"arch": "seed"})
+    build_model(model_params, (size, size, 1), len(CLASSES)).save(path)
+    write_model_info(path, info_for(preprocess, "seed"))
+    return path
+
+
+@pytest.fixture
+def float32_policy():
+    """Stages set Keras' global dtype policy; a test using this starts and ends in float32."""
+    import keras
+
+    keras.mixed_precision.set_global_policy("float32")
+    yield
+    keras.mixed_precision.set_global_policy("float32")
 
 
 def subprocess_env(**changes: str | None) -> dict[str, str]:
@@ -147,3 +186,36 @@ def tiny_project(tmp_path: Path, tiny_data: Paths) -> Paths:
     (tmp_path / "reports").mkdir()
     (tmp_path / "reports" / "data.json").write_bytes(tiny_data.data_report.read_bytes())
     return Paths(tmp_path)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that starts the MLflow server carries `slow`, as every test that trains or
+    starts a server does, so that `pytest -m "not slow"` stays the quick loop."""
+    unmarked = [
+        item.nodeid
+        for item in items
+        if "mlflow_server" in getattr(item, "fixturenames", ())
+        and item.get_closest_marker("slow") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            "mark these @pytest.mark.slow (they start the mlflow_server fixture): "
+            + ", ".join(unmarked)
+        )
+
+
+REQUIRE_VARIABLE = "FER_REQUIRE_TOOLS"  # set by .ci/run: our machines have every tool
+
+
+def require_binary(name: str, install: str) -> str:
+    """The path of a program a test needs; skip without it, or fail where CI says all
+    are installed (`FER_REQUIRE_TOOLS=1`)."""
+    import shutil
+
+    found = shutil.which(name)
+    if found:
+        return found
+    message = f"{name} is not installed ({install})"
+    if os.environ.get(REQUIRE_VARIABLE):
+        pytest.fail(f"{message}, and {REQUIRE_VARIABLE} is set")
+    pytest.skip(message)

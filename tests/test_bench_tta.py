@@ -10,7 +10,7 @@ import pytest
 from conftest import tiny_params
 from test_evaluate import HISTORY, float32_policy, save_known_model  # noqa: F401
 
-from pipeline import evaluate
+from pipeline import evaluate, inference
 from pipeline.paths import Paths
 
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "bench_tta.py"
@@ -54,7 +54,7 @@ def test_single_and_cross_2_are_the_evaluate_stage_without_and_with_tta(
         assert found[name] == pytest.approx((metrics["accuracy"], metrics["f1_macro"]), abs=5e-5), (
             name
         )
-    assert len(bench_tta.VIEW_SETS["cross-2"]) == evaluate.TTA_VIEWS
+    assert len(bench_tta.VIEW_SETS["cross-2"]) == inference.TTA_VIEWS
 
 
 def test_a_missing_model_is_a_one_line_error(

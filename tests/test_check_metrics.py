@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import GIT_IDENTITY, ROOT, subprocess_env
+from conftest import ROOT, git, subprocess_env
 
 from pipeline import check_metrics
 from pipeline.params import read_raw_params
@@ -22,16 +22,6 @@ BASELINE = {
     "per_class": {"disgust": {"f1": 0.20}},
 }
 TOLERANCES = {"accuracy": 0.02, "f1_macro": 0.03, "loss": 0.05}
-
-
-def git(repo: Path, *args: str) -> None:
-    subprocess.run(
-        ["git", *args],
-        cwd=repo,
-        env=subprocess_env(**GIT_IDENTITY),
-        check=True,
-        capture_output=True,
-    )
 
 
 def write_metrics(path: Path, changes: dict | None = None, **values: float) -> Path:

@@ -18,6 +18,8 @@ from conftest import tiny_params
 from PIL import Image
 
 from pipeline import CLASSES, evaluate
+from pipeline.inference import load_model
+from pipeline.metrics import compute_metrics, confusion_rows
 from pipeline.modelmeta import info_for, read_model_info, write_model_info
 from pipeline.paths import Paths
 
@@ -53,21 +55,18 @@ METRIC_KEYS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def float32_policy():
-    keras.mixed_precision.set_global_policy("float32")
-    yield
-    keras.mixed_precision.set_global_policy("float32")
+pytestmark = pytest.mark.usefixtures("float32_policy")
 
 
 # ---------------------------------------------------------------- metrics by hand
 
 
 def test_metrics_of_a_hand_made_prediction() -> None:
-    metrics, matrix, text, frame = evaluate.compute_metrics(Y_TRUE, PROBABILITIES, NAMES)
+    metrics, matrix, text, frame = compute_metrics(Y_TRUE, PROBABILITIES, NAMES)
 
     assert metrics["accuracy"] == pytest.approx(5 / 8)
-    picked = [0.7, 0.4, 0.2, 0.8, 1e-7, 0.5, 0.6, 0.3]  # the true class's; 0 is clipped
+    eps = np.finfo(PROBABILITIES.dtype).eps  # log_loss's clip of 0, for float64 input
+    picked = [0.7, 0.4, 0.2, 0.8, eps, 0.5, 0.6, 0.3]  # the true class's
     assert metrics["loss"] == pytest.approx(-sum(math.log(p) for p in picked) / 8)
     # a: 2 of 3 found, 2 of 3 claimed; b: 1 of 2, 1 of 2; c: 2 of 3, 2 of 3; d: nothing
     expected = {
@@ -98,7 +97,7 @@ def test_metrics_of_a_hand_made_prediction() -> None:
 
 def test_a_perfect_prediction_scores_one_and_loses_nothing() -> None:
     probabilities = np.eye(4)[Y_TRUE]
-    metrics, matrix, _, _ = evaluate.compute_metrics(Y_TRUE, probabilities, NAMES)
+    metrics, matrix, _, _ = compute_metrics(Y_TRUE, probabilities, NAMES)
     assert metrics["accuracy"] == metrics["f1_weighted"] == 1.0
     assert metrics["loss"] == pytest.approx(0.0, abs=1e-12)
     assert metrics["f1_macro"] == pytest.approx(3 / 4)  # d, with no image, scores 0
@@ -106,10 +105,10 @@ def test_a_perfect_prediction_scores_one_and_loses_nothing() -> None:
 
 
 def test_confusion_rows_name_the_classes_one_row_per_image() -> None:
-    rows = evaluate.confusion_rows(Y_TRUE, PROBABILITIES.argmax(axis=1), NAMES)
+    rows = confusion_rows(Y_TRUE, PROBABILITIES.argmax(axis=1), NAMES)
     assert rows == "actual,predicted\na,a\na,a\na,b\nb,b\nb,c\nc,c\nc,c\nc,a\n"
     with pytest.raises(ValueError):
-        evaluate.confusion_rows(Y_TRUE, Y_TRUE[:-1], NAMES)
+        confusion_rows(Y_TRUE, Y_TRUE[:-1], NAMES)
 
 
 # ---------------------------------------------------------------- the stage on a known model
@@ -287,13 +286,13 @@ def test_an_hdf5_file_without_a_model_is_refused(tmp_path: Path) -> None:
     with h5py.File(path, "w") as h5:
         h5["weights"] = np.zeros(3)
     with pytest.raises(ValueError, match="not a loadable Keras model"):
-        evaluate.load_model(path)
+        load_model(path)
 
 
 def test_tta_gives_ten_views_five_positions_each_with_its_mirror() -> None:
     import tensorflow as tf
 
-    from pipeline.evaluate import TTA_SHIFT, tta_views
+    from pipeline.inference import TTA_SHIFT, tta_views
 
     s = TTA_SHIFT
     images = np.random.default_rng(0).integers(0, 256, (3, 12, 10, 1)).astype("float32")

@@ -8,7 +8,7 @@ import pytest
 from keras import layers
 
 from pipeline import CLASSES
-from pipeline.evaluate import load_model
+from pipeline.inference import load_model
 from pipeline.models import ARCHITECTURES, build_model, flops_per_image, main
 from pipeline.params import ModelParams
 

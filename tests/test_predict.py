@@ -23,32 +23,21 @@ import keras
 import mlflow
 import numpy as np
 import pytest
-from conftest import subprocess_env
+from conftest import subprocess_env, untrained_model
 from PIL import Image
 from skimage import data
 
 from pipeline import CLASSES
 from pipeline.faces import align_face, default_detector
 from pipeline.imageops import MAX_PIXELS, ImageError, read_image, to_model_input
-from pipeline.modelmeta import info_for, write_model_info
-from pipeline.models import build_model
-from pipeline.params import PreprocessParams, load_params
-from pipeline.predict import Predictor, Report, gui_problem, iter_frames, load_predictor, main, run
+from pipeline.params import load_params
+from pipeline.predict import Report, gui_problem, iter_frames, main, run
+from pipeline.predictor import Predictor, load_predictor
 from pipeline.sample import draw_image
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = load_params(ROOT / "params.yaml")
 TILT = 20.0
-
-
-def make_model(path: Path, preprocess: PreprocessParams) -> Path:
-    """The seed CNN, untrained, saved as .h5 and stamped with `preprocess`."""
-    keras.utils.set_random_seed(0)
-    size = preprocess.picture_size
-    model_params = PARAMS.model.model_copy(update={"arch": "seed"})
-    build_model(model_params, (size, size, 1), len(CLASSES)).save(path)
-    write_model_info(path, info_for(preprocess, "seed"))
-    return path
 
 
 def save_rgb(path: Path, rgb: np.ndarray) -> Path:
@@ -100,7 +89,7 @@ def black_png(side: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_model(tmp_path_factory.mktemp("model") / "model.h5", PARAMS.preprocess)
+    return untrained_model(tmp_path_factory.mktemp("model") / "model.h5", PARAMS.preprocess)
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +242,7 @@ def test_faces_are_prepared_with_the_models_own_params(
         }
     )
     assert own != PARAMS.preprocess
-    path = make_model(tmp_path / "other.h5", own)
+    path = untrained_model(tmp_path / "other.h5", own)
     model = keras.models.load_model(path, compile=False)
     crop = crops / "b" / "1.png"
 

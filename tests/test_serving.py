@@ -3,7 +3,9 @@ scoring server (`mlflow models serve`) answering JSON over HTTP."""
 
 from __future__ import annotations
 
+import ast
 import base64
+import importlib.metadata
 import io
 import json
 import subprocess
@@ -17,21 +19,32 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import free_port, stop_process_group, subprocess_env, wait_for_http
+from conftest import (
+    ROOT,
+    free_port,
+    stop_process_group,
+    subprocess_env,
+    untrained_model,
+    wait_for_http,
+)
 from mlflow.pyfunc import PythonModelContext
 from mlflow.pyfunc.scoring_server import predictions_to_json
 from PIL import Image
 from skimage import data
 
 from pipeline import CLASSES
-from pipeline.modelmeta import info_for, write_model_info
-from pipeline.models import build_model
 from pipeline.params import load_params
-from pipeline.predict import load_predictor
+from pipeline.predictor import load_predictor
 from pipeline.sample import draw_image
-from pipeline.serving import MODEL_ARTIFACT, EmotionModel, log_pyfunc_model, output_columns
+from pipeline.serving import (
+    MODEL_ARTIFACT,
+    EmotionModel,
+    log_pyfunc_model,
+    output_columns,
+    pip_requirements,
+    served_modules,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
 PARAMS = load_params(ROOT / "params.yaml")
 REGISTERED = "fer-test-emotion"
 
@@ -53,13 +66,7 @@ def strict_json(text: str):
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("model") / "model.h5"
-    keras.utils.set_random_seed(0)
-    size = PARAMS.preprocess.picture_size
-    model_params = PARAMS.model.model_copy(update={"arch": "seed"})
-    build_model(model_params, (size, size, 1), len(CLASSES)).save(path)
-    write_model_info(path, info_for(PARAMS.preprocess, "seed"))
-    return path
+    return untrained_model(tmp_path_factory.mktemp("model") / "model.h5", PARAMS.preprocess)
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +198,11 @@ def test_logged_model_holds_weights_code_signature_and_example(logged) -> None:
     )
 
     assert (local / "artifacts" / "model.h5").is_file()
-    assert (local / "code" / "pipeline" / "predict.py").is_file()
+    packed = {path.stem for path in (local / "code" / "pipeline").glob("*.py")}
+    assert packed == {"__init__", *(name.split(".")[1] for name in served_modules())}
+    assert {"serving", "predictor", "inference", "imageops", "faces"} <= packed
+    # neither the stages nor the research tools ship with the served model
+    assert not packed & {"train", "evaluate", "predict", "tracking", "bench", "runs", "recipes"}
     signature = info.signature
     assert signature.inputs.input_names() == ["image", "detect"]
     assert signature.inputs.input_types()[0].name == "binary"
@@ -199,7 +210,7 @@ def test_logged_model_holds_weights_code_signature_and_example(logged) -> None:
     assert signature.outputs.input_names() == output_columns(CLASSES)
     assert (local / "serving_input_example.json").is_file()
     requirements = (local / "requirements.txt").read_text().splitlines()
-    for name in ("keras", "mlflow", "opencv-python-headless", "h5py"):
+    for name in ("keras", "mlflow", "opencv-python-headless", "h5py", "pydantic"):
         assert any(line.startswith(f"{name}==") for line in requirements), requirements
     assert any(
         line.startswith(("tensorflow==", "tensorflow-cpu==", "tensorflow_cpu=="))
@@ -293,3 +304,73 @@ def test_scoring_server_answers_json(logged, pictures: dict[str, bytes]) -> None
     assert face["label"] == max(CLASSES, key=lambda name: face[name])
     assert landscape["input_index"] == 1 and landscape["faces"] == 0
     assert landscape["label"] is None and landscape["error"] is None
+
+
+def _third_party_imports(module: str) -> set[str]:
+    tree = ast.parse((ROOT / "pipeline" / f"{module.split('.')[1]}.py").read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module.split(".")[0])
+    return names - set(sys.stdlib_module_names) - {"pipeline", "__future__"}
+
+
+def test_the_requirements_name_every_distribution_the_served_code_imports() -> None:
+    """What `mlflow models serve` installs in a fresh environment is the logged requirements
+    alone: each import of the packed modules must come from one of them."""
+    provided = importlib.metadata.packages_distributions()
+    required = {line.split("==")[0].lower().replace("_", "-") for line in pip_requirements()}
+    imported = set().union(*(_third_party_imports(m) for m in served_modules()))
+    assert {"cv2", "mlflow", "numpy", "keras"} <= imported
+    for name in sorted(imported):
+        distributions = {d.lower().replace("_", "-") for d in provided.get(name, [])}
+        assert distributions & required, f"{name} ({distributions}) is not in {required}"
+
+
+def test_served_modules_follow_function_level_imports_too() -> None:
+    modules = served_modules()
+    assert modules[0] == "pipeline.atomic" and "pipeline.serving" in modules
+    assert "pipeline.predictor" in modules  # imported at the top of serving
+    assert "pipeline.inference" in modules  # imported by predictor
+    assert "pipeline.train" not in modules
+
+
+_LOAD_IN_A_FRESH_PROCESS = """
+import json, sys
+import mlflow
+model = mlflow.pyfunc.load_model(sys.argv[1])
+out = model.unwrap_python_model().predict(None, [bytes.fromhex(sys.argv[2])], {"detect": False})
+loaded = sorted(m for m in sys.modules if m.startswith("pipeline"))
+files = {m: getattr(sys.modules[m], "__file__", None) for m in loaded}
+print(json.dumps({"label": out.loc[0, "label"], "files": files}))
+"""
+
+
+@pytest.mark.slow
+def test_the_served_model_loads_in_a_fresh_process_from_its_packed_code_alone(
+    logged, tmp_path: Path, pictures: dict[str, bytes]
+) -> None:
+    run_id, uri, _, _ = logged
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            f"runs:/{run_id}/emotion_model", dst_path=tmp_path / "model", tracking_uri=uri
+        )
+    )
+    # not the checkout's package: an empty PYTHONPATH, run from elsewhere
+    done = subprocess.run(
+        [sys.executable, "-c", _LOAD_IN_A_FRESH_PROCESS, str(local), pictures["crop"].hex()],
+        cwd=tmp_path,
+        env=subprocess_env(PYTHONPATH=None),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["label"] in CLASSES
+    files = {m: f for m, f in result["files"].items() if f}
+    assert files, "the model imported no pipeline module"
+    for module, file in files.items():
+        assert Path(file).is_relative_to(local / "code"), f"{module} came from {file}"

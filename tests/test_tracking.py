@@ -22,6 +22,7 @@ from conftest import (
     GIT_IDENTITY,
     ROOT,
     free_port,
+    git,
     stop_process_group,
     subprocess_env,
     tiny_params,
@@ -29,7 +30,7 @@ from conftest import (
     write_params,
 )
 
-from pipeline import CLASSES, machine, tracking
+from pipeline import CLASSES, evaluate, machine, tracking, train
 from pipeline.params import flatten
 from pipeline.paths import Paths
 
@@ -45,18 +46,6 @@ EVALUATION_ARTIFACTS = {
     "reports/classification_report.txt",
     "reports/figures/confusion_matrix.png",
 }
-
-
-def git(cwd: Path, *args: str) -> str:
-    done = subprocess.run(
-        ["git", *args],
-        cwd=cwd,
-        env=subprocess_env(**GIT_IDENTITY),
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return done.stdout.strip()
 
 
 def commit_all(repo: Path) -> str:
@@ -185,6 +174,7 @@ def check_run(client, run_id: str, params, paths: Paths, metrics: dict, commit: 
     return run
 
 
+@pytest.mark.slow
 def test_two_runs_hold_params_curves_metrics_artifacts_models_and_tags(
     client, tiny_project: Paths, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -214,8 +204,8 @@ def test_two_runs_hold_params_curves_metrics_artifacts_models_and_tags(
         if index == 0:  # the second run's params.yaml differs from the commit
             commit = commit_all(paths.root)
             paths.metrics.write_text('{"accuracy": 0.5}')  # rewritten outputs are not dirt
-        tracking.train_tracked(params, paths)
-        metrics = tracking.evaluate_tracked(params, paths)
+        train.run_tracked(params, paths)
+        metrics = evaluate.run_tracked(params, paths)
         assert mlflow.active_run() is None
         run_id = json.loads(paths.run_info.read_text())["run_id"]
         check_run(client, run_id, params, paths, metrics, commit, ["false", "true"][index])
@@ -255,19 +245,20 @@ def test_two_runs_hold_params_curves_metrics_artifacts_models_and_tags(
     assert pyfunc.model_id in versions[0].source
 
 
+@pytest.mark.slow
 def test_evaluation_with_other_evaluate_params_goes_to_a_new_run(
     client, tiny_project: Paths
 ) -> None:
     paths = tiny_project
     experiment = "test-reevaluate"
     params = tiny_params(**{"mlflow.experiment": experiment, "mlflow.log_model": False})
-    tracking.train_tracked(params, paths)
+    train.run_tracked(params, paths)
     trained = json.loads(paths.run_info.read_text())["run_id"]
 
     other = tiny_params(
         **{"mlflow.experiment": experiment, "mlflow.log_model": False, "evaluate.tta": True}
     )
-    tracking.evaluate_tracked(other, paths)
+    evaluate.run_tracked(other, paths)
 
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
     runs = {run.info.run_id: run for run in client.search_runs([experiment_id])}
@@ -291,6 +282,7 @@ def test_evaluation_with_other_evaluate_params_goes_to_a_new_run(
 # ---------------------------------------------------------------- failures
 
 
+@pytest.mark.slow
 def test_a_run_whose_training_raises_ends_failed(client, tiny_data: Paths, tmp_path: Path) -> None:
     import mlflow
 
@@ -301,7 +293,7 @@ def test_a_run_whose_training_raises_ends_failed(client, tiny_data: Paths, tmp_p
     params = tiny_params(**{"mlflow.experiment": "test-failed"})
 
     with pytest.raises(FileNotFoundError, match="validation"):
-        tracking.train_tracked(params, paths)
+        train.run_tracked(params, paths)
 
     assert mlflow.active_run() is None
     run = only_run(client, "test-failed")
@@ -311,6 +303,7 @@ def test_a_run_whose_training_raises_ends_failed(client, tiny_data: Paths, tmp_p
     assert not paths.run_info.exists()
 
 
+@pytest.mark.slow
 def test_sigterm_during_training_ends_the_run_killed(
     client, mlflow_server: str, tiny_project: Paths
 ) -> None:
@@ -387,16 +380,21 @@ def test_an_unreachable_tracking_server_fails_fast_before_training(tiny_project:
 # ---------------------------------------------------------------- the project's own store
 
 
+@pytest.mark.slow
 def test_ui_serves_the_project_store_from_anywhere_inside_the_project(tmp_path: Path) -> None:
     root = tmp_path / "project"
     inside = root / "pipeline"
     (root / ".dvc").mkdir(parents=True)
     inside.mkdir()
+    from mlflow import MlflowClient
+
+    experiment = MlflowClient(f"sqlite:///{root / 'mlflow.db'}").create_experiment("ui-test")
     port = free_port()
     log_file = tmp_path / "ui.log"
+    command = [sys.executable, "-m", "pipeline.tracking", "ui", "--port", str(port)]
     with log_file.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.tracking", "ui", "--port", str(port)],
+            [*command, "--experiment", "ui-test"],
             cwd=inside,
             env=subprocess_env(),
             stdout=log,
@@ -407,7 +405,8 @@ def test_ui_serves_the_project_store_from_anywhere_inside_the_project(tmp_path: 
         wait_for_http(f"http://127.0.0.1:{port}/health", process, 120, log_file)
     finally:
         stop_process_group(process)
-    assert f"http://127.0.0.1:{port}" in log_file.read_text()
+    # the link opens the runs table in the model-training view
+    assert tracking.experiment_url(f"http://127.0.0.1:{port}", experiment) in log_file.read_text()
     assert (root / "mlflow.db").is_file()
     assert not (inside / "mlflow.db").exists()
 

@@ -17,7 +17,7 @@ from conftest import tiny_params
 from PIL import Image
 
 import pipeline
-from pipeline import CLASSES, train
+from pipeline import CLASSES, metrics, runtime, train
 from pipeline.callbacks import RecalibrateBatchNorm
 from pipeline.dataset import (
     Split,
@@ -42,12 +42,7 @@ NO_AUGMENTATION = AugmentationParams(
 )
 
 
-@pytest.fixture(autouse=True)
-def float32_policy():
-    """`train.run` sets the global dtype policy; every test here starts and ends in float32."""
-    keras.mixed_precision.set_global_policy("float32")
-    yield
-    keras.mixed_precision.set_global_policy("float32")
+pytestmark = pytest.mark.usefixtures("float32_policy")
 
 
 def train_params(**overrides: object) -> TrainParams:
@@ -227,8 +222,8 @@ def test_steps_per_epoch(count: int, batch: int, mode: str, steps: int) -> None:
 
 @pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16", "mixed_float16"])
 def test_explicit_precision_passes_through(policy: str, monkeypatch) -> None:
-    monkeypatch.setattr(train, "cpu_has_native_bfloat16", lambda: True)
-    assert train.resolve_precision(policy) == policy
+    monkeypatch.setattr(runtime, "cpu_has_native_bfloat16", lambda: True)
+    assert runtime.resolve_precision(policy) == policy
 
 
 @pytest.mark.parametrize(
@@ -241,11 +236,11 @@ def test_explicit_precision_passes_through(policy: str, monkeypatch) -> None:
     ],
 )
 def test_auto_precision_follows_the_hardware(bf16: bool, gpus: list, policy: str, monkeypatch):
-    monkeypatch.setattr(train, "cpu_has_native_bfloat16", lambda: bf16)
+    monkeypatch.setattr(runtime, "cpu_has_native_bfloat16", lambda: bf16)
     monkeypatch.setattr(
         tf.config, "list_physical_devices", lambda kind=None: gpus if kind == "GPU" else []
     )
-    assert train.resolve_precision("auto") == policy
+    assert runtime.resolve_precision("auto") == policy
 
 
 def test_best_epoch_is_the_first_best_of_the_monitor() -> None:
@@ -255,8 +250,8 @@ def test_best_epoch_is_the_first_best_of_the_monitor() -> None:
         {"val_accuracy": 0.4, "val_loss": 1.1},
         {"val_accuracy": 0.3, "val_loss": 1.3},
     ]
-    assert train.best_epoch(history, "val_accuracy") == 2
-    assert train.best_epoch(history, "val_loss") == 3
+    assert metrics.best_epoch(history, "val_accuracy") == 2
+    assert metrics.best_epoch(history, "val_loss") == 3
 
 
 # ---------------------------------------------------------------- augmentation
@@ -513,7 +508,7 @@ def test_training_writes_the_model_and_its_reports(trained) -> None:
     assert info.arch == "seed"
     assert info.pipeline_version == pipeline.__version__
     # computed in the precision `auto` chose, with float32 probabilities out
-    policy = train.resolve_precision(params.train.precision)
+    policy = runtime.resolve_precision(params.train.precision)
     assert model.get_layer("conv1").dtype_policy.name == policy
     assert model.get_layer("emotion").dtype_policy.name == "float32"
 
@@ -528,7 +523,7 @@ def test_training_writes_the_model_and_its_reports(trained) -> None:
 
     # the file is the checkpoint of the best val_accuracy epoch, validated as it was saved
     best = result.best_epoch
-    assert best == train.best_epoch(result.history, "val_accuracy")
+    assert best == metrics.best_epoch(result.history, "val_accuracy")
     labels = load_split(paths.processed / "validation", 48).labels
     accuracy = float(np.mean(probabilities.argmax(axis=1) == labels))
     assert accuracy == pytest.approx(result.history[best - 1]["val_accuracy"], abs=1e-6)
@@ -568,7 +563,7 @@ def test_the_same_seed_trains_the_same_model(
     assert paths.history.read_bytes() == first_paths.history.read_bytes()
     images = validation_images(paths)
     models = [keras.models.load_model(p.model, compile=False) for p in (first_paths, paths)]
-    policy = train.resolve_precision(params.train.precision)
+    policy = runtime.resolve_precision(params.train.precision)
     assert {m.get_layer("conv1").dtype_policy.name for m in models} == {policy}
     predictions = [m.predict(images, batch_size=16, verbose=0) for m in models]
     np.testing.assert_array_equal(predictions[0], predictions[1])
@@ -611,7 +606,7 @@ def _python(code: str) -> tuple[str, str]:
 
 
 _THREADS = """
-from pipeline.train import make_deterministic
+from pipeline.runtime import make_deterministic
 import tensorflow as tf
 {before}
 make_deterministic(7)
