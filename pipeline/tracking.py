@@ -43,6 +43,8 @@ import yaml
 from dvc_data.hashfile.build import build
 from dvc_data.hashfile.db import HashFileDB
 from dvc_objects.fs.local import LocalFileSystem
+from filelock import FileLock
+from filelock import Timeout as LockTimeout
 from mlflow import MlflowClient
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
@@ -61,6 +63,8 @@ from pipeline.serving import log_pyfunc_model
 log = logging.getLogger(__name__)
 
 STORE_DB = "mlflow.db"
+LOCK_FILE = "mlflow.db.lock"
+LOCK_TIMEOUT_SECONDS = 300  # a schema upgrade of a large store takes a while
 ARTIFACTS_DIR = "mlartifacts"
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 EVAL_METRICS = ("accuracy", "loss", "f1_macro", "f1_weighted")
@@ -206,16 +210,30 @@ def open_experiment(name: str, uri: str, artifact_location: str | None) -> str:
     return experiment.experiment_id
 
 
+def local_store_lock(root: Path) -> FileLock:
+    """Held while a process opens the project's SQLite store: MLflow creates and upgrades
+    its schema on first use, and two processes doing so at once (`dvc queue start -j 2`
+    on a fresh clone) fail with "table experiments already exists" and the like."""
+    return FileLock(root / LOCK_FILE, timeout=LOCK_TIMEOUT_SECONDS)
+
+
 def connect(experiment: str) -> tuple[str, str]:
     """Point MLflow at the project's store, check it answers, return (uri, experiment id)."""
-
     root = project_root()
     uri = tracking_uri(root)
-    check_reachable(uri, root)
-    # in the local store, artifacts go beside it; elsewhere the store decides
-    location = _artifact_location(root, experiment) if uri == local_store_uri(root) else None
-    mlflow.set_tracking_uri(uri)  # (which also sets MLFLOW_TRACKING_URI)
-    return uri, open_experiment(experiment, uri, location)
+    local = uri == local_store_uri(root)
+    try:
+        with local_store_lock(root) if local else contextlib.nullcontext():
+            check_reachable(uri, root)
+            # in the local store, artifacts go beside it; elsewhere the store decides
+            location = _artifact_location(root, experiment) if local else None
+            mlflow.set_tracking_uri(uri)  # (which also sets MLFLOW_TRACKING_URI)
+            return uri, open_experiment(experiment, uri, location)
+    except LockTimeout:
+        raise TrackingError(
+            f"another process has been opening the MLflow store {uri} for over "
+            f"{LOCK_TIMEOUT_SECONDS} s (it holds {root / LOCK_FILE}); wait for it, or stop it"
+        ) from None
 
 
 # ---------------------------------------------------------------- what a run records

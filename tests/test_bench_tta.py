@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 from conftest import tiny_params
-from test_evaluate import HISTORY, float32_policy, save_known_model  # noqa: F401
+from test_evaluate import HISTORY, save_known_model
 
 from pipeline import evaluate, inference
 from pipeline.paths import Paths
 
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "bench_tta.py"
+pytestmark = pytest.mark.usefixtures("float32_policy")
 
 
 def load_script():

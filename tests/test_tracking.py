@@ -411,6 +411,91 @@ def test_ui_serves_the_project_store_from_anywhere_inside_the_project(tmp_path: 
     assert not (inside / "mlflow.db").exists()
 
 
+_OPEN_AT = """
+import sys, time
+from pipeline import tracking
+while time.time() < float(sys.argv[1]):
+    time.sleep(0.001)
+print(tracking.connect("race")[1])
+"""
+
+
+@pytest.mark.slow
+def test_processes_opening_a_new_local_store_at_once_all_get_the_same_experiment(
+    tmp_path: Path,
+) -> None:
+    """MLflow's schema creation on a new SQLite file races between processes (four at once
+    failed nine times in twelve with "table experiments already exists", "duplicate column
+    name" and the like, before the store lock)."""
+    (tmp_path / ".dvc").mkdir()
+    start = time.time() + 8  # after every process has imported MLflow
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", _OPEN_AT, str(start)],
+            cwd=tmp_path,
+            env=subprocess_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    results = [process.communicate(timeout=300) for process in processes]
+    for process, (_, err) in zip(processes, results, strict=True):
+        assert process.returncode == 0, err[-2000:]
+    assert len({out.strip().splitlines()[-1] for out, _ in results}) == 1
+
+
+def queue_repo(tmp_path: Path) -> tuple[Path, dict[str, str], list[str]]:
+    """A DVC project of the pipeline with tiny params, committed: (repo, env, dvc argv)."""
+    repo = tmp_path / "repo"
+    shutil.copytree(
+        ROOT / "pipeline", repo / "pipeline", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy(ROOT / name, repo / name)
+    write_params(repo / "params.yaml", tiny_params(**{"mlflow.log_model": False}))
+    env = subprocess_env(PYTHONPATH=None, **GIT_IDENTITY)
+    dvc = [sys.executable, "-m", "dvc"]
+    git(repo, "init", "-q")
+    subprocess.run([*dvc, "init", "-q"], cwd=repo, env=env, check=True)
+    shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")
+    commit_all(repo)
+    return repo, env, dvc
+
+
+@pytest.mark.slow
+def test_two_queued_experiments_on_two_workers_are_two_finished_runs(tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    repo, env, dvc = queue_repo(tmp_path)
+    assert not (repo / "mlflow.db").exists()  # a fresh clone: the store is made by the runs
+
+    def call(*args: str) -> str:
+        done = subprocess.run(
+            [*dvc, *args], cwd=repo, env=env, capture_output=True, text=True, timeout=900
+        )
+        assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
+        return done.stdout
+
+    call("exp", "run", "--queue", "-S", "train.learning_rate=0.001,0.0005")
+    call("queue", "start", "-j", "2")
+    deadline = time.monotonic() + 900
+    while "Queued" in (status := call("queue", "status")) or "Running" in status:
+        assert time.monotonic() < deadline, status
+        time.sleep(5)
+    assert status.count("Success") == 2, status
+    call("queue", "stop", "--kill")
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("facial-emotion-recognition")
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.data.params["train.learning_rate"] for r in runs) == ["0.0005", "0.001"]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert all(r.data.tags["stage"] == "evaluated" for r in runs)
+    assert len({r.info.run_name for r in runs}) == 2
+
+
 @pytest.mark.slow
 def test_dvc_exp_run_temp_lands_in_the_project_store_named_after_the_experiment(
     tmp_path: Path,
