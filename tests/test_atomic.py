@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import pytest
 
-from pipeline.atomic import atomic_dir, clear_leftovers
+from pipeline.atomic import atomic_dir, clear_leftovers, write_text_atomic
 
 DEAD_PID = 2**22 + 1  # above Linux's largest pid_max: never a running process
 
@@ -67,3 +68,11 @@ def test_only_scratch_folders_of_dead_processes_are_cleared(tmp_path: Path) -> N
         (folder / "out").mkdir(parents=True)
     clear_leftovers(tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name])
+
+
+def test_an_atomic_file_gets_the_mode_a_plain_open_gives(tmp_path: Path) -> None:
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    written = tmp_path / "atomic.txt"
+    write_text_atomic(written, "x")
+    assert stat.S_IMODE(written.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
