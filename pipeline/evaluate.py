@@ -36,16 +36,13 @@ def train_scores(history_csv: Path, monitor: str) -> dict[str, float]:
 
 def run(params: Params, paths: Paths) -> dict:
     """Score the model on the validation split and write the reports."""
-    # TensorFlow, here and in `dataset`: imported once the params are known to be good
-    import tensorflow as tf
-
-    from pipeline.dataset import load_split
+    from pipeline.dataset import load_split  # TensorFlow: once the params are known good
 
     make_deterministic(params.train.seed)
     model = load_model(paths.model)
     split = load_split(paths.processed / "validation", params.preprocess.picture_size)
     probabilities = predict_probabilities(
-        model, tf.constant(split.array()), params.evaluate.batch_size, params.evaluate.tta
+        model, split.array(), params.evaluate.batch_size, params.evaluate.tta
     )
     metrics, matrix, text, frame = compute_metrics(split.labels, probabilities)
     best = train_scores(paths.history, params.train.checkpoint.monitor)

@@ -32,8 +32,8 @@ def setup_logging(verbose: bool = False) -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
-    if not verbose:  # the Python side of the same chatter (absl, tf.autograph)
-        for name in ("absl", "tensorflow"):
+    if not verbose:  # the Python side of the same chatter (absl, tf.autograph, tf2onnx)
+        for name in ("absl", "tensorflow", "tf2onnx"):
             logging.getLogger(name).setLevel(logging.ERROR)
 
 
@@ -51,6 +51,14 @@ def native_stderr_hidden() -> Iterator[None]:
         os.dup2(saved, 2)
         os.close(saved)
         os.close(null)
+
+
+def native_quiet() -> contextlib.AbstractContextManager:
+    """`native_stderr_hidden()`, unless logging is verbose (`--verbose`, `FER_VERBOSE=1`):
+    for TensorFlow calls that log from C++ (the LiteRT converter, the interpreter)."""
+    if logging.getLogger().isEnabledFor(logging.DEBUG) or verbose_from_environment():
+        return contextlib.nullcontext()
+    return native_stderr_hidden()
 
 
 def import_tensorflow(verbose: bool = False):

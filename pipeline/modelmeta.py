@@ -1,8 +1,9 @@
-"""What a saved model needs to be used correctly, stored inside its `.h5` file.
+"""What a saved model needs to be used correctly, stored inside its file.
 
-The class order and the preprocessing params travel with the model as an HDF5
-attribute, so the predictor prepares faces exactly as the pipeline that
-trained the model did, whatever `params.yaml` says today.
+The class order and the preprocessing params travel with the model, as an HDF5
+attribute of `model.h5` and as a metadata entry of its ONNX export under the same
+key, so the predictor prepares faces exactly as the pipeline that trained the
+model did, whatever `params.yaml` says today.
 """
 
 from __future__ import annotations
@@ -29,33 +30,23 @@ def info_for(preprocess: PreprocessParams, arch: str) -> ModelInfo:
     return ModelInfo(CLASSES, preprocess, arch, __version__)
 
 
-def write_model_info(path: Path, info: ModelInfo) -> None:
-    """Stamp a saved `.h5` model with `info`."""
-    import h5py
-
+def encode_info(info: ModelInfo) -> str:
     payload = {
         "classes": list(info.classes),
         "preprocess": info.preprocess.model_dump(),
         "arch": info.arch,
         "pipeline_version": info.pipeline_version,
     }
-    with h5py.File(path, "a") as h5:
-        h5.attrs[ATTRIBUTE] = json.dumps(payload)
+    return json.dumps(payload)
 
 
-def read_model_info(path: Path) -> ModelInfo:
-    """Read the stamp; a model without one is refused with what to do."""
-    import h5py
-
-    try:
-        with h5py.File(path, "r") as h5:
-            raw = h5.attrs.get(ATTRIBUTE)
-    except OSError as exc:
-        raise ValueError(f"{path}: not an HDF5 model file ({exc})") from None
+def decode_info(raw: str | None, path: Path) -> ModelInfo:
+    """The stamp read back; a model without one is refused with what to do."""
     if raw is None:
         raise ValueError(
-            f"{path}: has no {ATTRIBUTE!r} attribute, so its class order and preprocessing "
-            "are unknown; use a model.h5 written by this pipeline's train stage"
+            f"{path}: has no {ATTRIBUTE!r} stamp, so its class order and preprocessing "
+            "are unknown; use a model.h5 written by this pipeline's train stage, or its "
+            "export by python -m pipeline.export"
         )
     payload = json.loads(raw)
     return ModelInfo(
@@ -64,3 +55,23 @@ def read_model_info(path: Path) -> ModelInfo:
         arch=payload["arch"],
         pipeline_version=payload["pipeline_version"],
     )
+
+
+def write_model_info(path: Path, info: ModelInfo) -> None:
+    """Stamp a saved `.h5` model with `info`."""
+    import h5py
+
+    with h5py.File(path, "a") as h5:
+        h5.attrs[ATTRIBUTE] = encode_info(info)
+
+
+def read_model_info(path: Path) -> ModelInfo:
+    """Read the stamp of a `.h5` model; a model without one is refused with what to do."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as h5:
+            raw = h5.attrs.get(ATTRIBUTE)
+    except OSError as exc:
+        raise ValueError(f"{path}: not an HDF5 model file ({exc})") from None
+    return decode_info(raw, path)

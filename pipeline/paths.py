@@ -35,6 +35,21 @@ class Paths:
         return self.models / "model.h5"
 
     @property
+    def onnx_model(self) -> Path:
+        """`model.h5` exported to ONNX, for prediction without TensorFlow."""
+        return self.models / "model.onnx"
+
+    @property
+    def litert_model(self) -> Path:
+        """`model.h5` exported to LiteRT (TensorFlow Lite), for phones and small devices."""
+        return self.models / "model.tflite"
+
+    @property
+    def export_report(self) -> Path:
+        """How closely the ONNX model repeats the Keras one on the validation faces."""
+        return self.reports / "export.json"
+
+    @property
     def run_info(self) -> Path:
         """The MLflow run id handed from `train` to `evaluate`."""
         return self.models / "run.json"

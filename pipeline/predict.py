@@ -33,6 +33,7 @@ import numpy as np
 
 from pipeline.atomic import write_bytes_atomic, write_text_atomic
 from pipeline.imageops import IMAGE_SUFFIXES, ImageError, read_image
+from pipeline.inference import ONNX_SUFFIX
 from pipeline.logs import VERBOSE_VARIABLE, import_tensorflow, setup_logging
 from pipeline.paths import Paths
 from pipeline.predictor import ModelError, Predictor, Result, load_predictor
@@ -354,7 +355,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model",
         default=str(Paths().model),
-        help="model file, or an MLflow model URI (runs:/<run id>/emotion_model, "
+        help="model file (.h5, or its ONNX export models/model.onnx, which runs without "
+        "TensorFlow), or an MLflow model URI (runs:/<run id>/emotion_model, "
         "models:/<name>/<version>, models:/<name>@<alias>; the store is MLFLOW_TRACKING_URI) "
         "(default: %(default)s)",
     )
@@ -417,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("--camera: %s", problem)
         return 2
     try:
-        import_tensorflow(args.verbose)
+        if Path(args.model).suffix != ONNX_SUFFIX:  # an ONNX model runs without TensorFlow
+            import_tensorflow(args.verbose)
         predictor = load_predictor(args.model, args.batch_size)
     except ModelError as exc:
         log.error("%s", exc)

@@ -16,14 +16,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import mlflow
 import numpy as np
-from mlflow.exceptions import MlflowException
 
 from pipeline.faces import FaceDetector, align_face, default_detector
 from pipeline.imageops import to_model_input
-from pipeline.inference import load_model, predict_probabilities
-from pipeline.modelmeta import ModelInfo, read_model_info
+from pipeline.inference import ONNX_SUFFIX, load_model, predict_probabilities
+from pipeline.modelmeta import ATTRIBUTE, ModelInfo, decode_info, read_model_info
 
 MODEL_FILE = "model.h5"  # the Keras file inside a model logged by `serving.log_pyfunc_model`
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # runs:/, models:/, s3://; not C:/
@@ -189,8 +187,12 @@ def _load_model_file(path: Path, batch_size: int) -> Predictor:
             "with --model"
         )
     try:
-        info = read_model_info(path)  # first: it refuses an unstamped model cheaply
-        model = load_model(path)
+        if path.suffix == ONNX_SUFFIX:
+            model = load_model(path)
+            info = decode_info(model.metadata.get(ATTRIBUTE), path)
+        else:
+            info = read_model_info(path)  # first: it refuses an unstamped model cheaply
+            model = load_model(path)
     except (FileNotFoundError, ValueError) as exc:
         raise ModelError(str(exc)) from None
     return Predictor(model, info, batch_size)
@@ -213,6 +215,10 @@ def load_predictor(reference: str | Path, batch_size: int = 64) -> Predictor:
     """A model file, or an MLflow model URI whose `model.h5` artifact is downloaded."""
     if not is_model_uri(str(reference)):
         return _load_model_file(Path(reference), batch_size)
+    # MLflow only for a URI: a model file needs none, and it costs a second of start-up
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
     with tempfile.TemporaryDirectory(prefix="fer-model-") as tmp:
         try:
             downloaded = mlflow.artifacts.download_artifacts(

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import mlflow.onnx
 import numpy as np
 import pandas as pd
 import yaml
@@ -54,6 +55,7 @@ from mlflow.models import Model, infer_signature
 from pipeline import CLASSES
 from pipeline.atomic import write_json_atomic
 from pipeline.imageops import read_image
+from pipeline.inference import OnnxModel
 from pipeline.machine import machine_tags
 from pipeline.params import Params, ParamsError, flatten, load_params
 from pipeline.paths import PARAMS_FILE, Paths
@@ -70,6 +72,7 @@ EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 EVAL_METRICS = ("accuracy", "loss", "f1_macro", "f1_weighted")
 KERAS_MODEL_NAME = "keras_model"
 PYFUNC_MODEL_NAME = "emotion_model"
+ONNX_MODEL_NAME = "onnx_model"
 PROBE_TIMEOUT_SECONDS = 5
 STAGE_TAG = "stage"
 # MLflow 3's UI opens an experiment without this tag on its GenAI overview (traces,
@@ -545,9 +548,8 @@ def training_run(params: Params, paths: Paths) -> Iterator[list]:
         mlflow.set_tag(STAGE_TAG, "trained")
 
 
-def _resumable(info: RunInfo | None, params: Params, uri: str, run_info: Path) -> str | None:
-    """Why the training run cannot take this evaluation, or None when it can."""
-
+def _not_in_store(info: RunInfo | None, uri: str, run_info: Path) -> str | None:
+    """Why `run_info` names no usable run in the store at `uri`, or None when it does."""
     if info is None:
         return f"{run_info} names no MLflow run"
     try:
@@ -559,6 +561,14 @@ def _resumable(info: RunInfo | None, params: Params, uri: str, run_info: Path) -
         )
     if run.info.lifecycle_stage == "deleted":
         return f"run {info.run_id} of {run_info} is deleted"
+    return None
+
+
+def _resumable(info: RunInfo | None, params: Params, uri: str, run_info: Path) -> str | None:
+    """Why the training run cannot take this evaluation, or None when it can."""
+    if why_not := _not_in_store(info, uri, run_info):
+        return why_not
+    run = MlflowClient(tracking_uri=uri).get_run(info.run_id)
     # a change in any other group reruns `train`, which opens a new run
     changed = sorted(
         key
@@ -600,6 +610,38 @@ def evaluation_run(params: Params, paths: Paths) -> Iterator[None]:
         log.info("MLflow run %s (%s) in %s", run.info.run_name, run.info.run_id, uri)
         yield
         mlflow.set_tag(STAGE_TAG, "evaluated")
+
+
+@contextlib.contextmanager
+def export_run(params: Params, paths: Paths) -> Iterator[bool]:
+    """The training's MLflow run reopened around an export, ended FINISHED again; yields
+    False, with a warning and no run, when `models/run.json` names none in the store."""
+    uri, _ = connect(params.mlflow.experiment)
+    info = read_run_info(paths.run_info)
+    if why_not := _not_in_store(info, uri, paths.run_info):
+        log.warning("%s: the exported models are not logged to MLflow", why_not)
+        yield False
+        return
+    with sigterm_raises(), ending_run():
+        run = mlflow.start_run(run_id=info.run_id)
+        log.info("MLflow run %s (%s) in %s", run.info.run_name, run.info.run_id, uri)
+        yield True
+
+
+def log_exports(paths: Paths) -> None:
+    """The ONNX and LiteRT files and their check, and the ONNX file as an MLflow model."""
+    import onnx  # here: only the export stage needs it
+
+    for path in (paths.onnx_model, paths.litert_model, paths.export_report):
+        _log_file(path, paths.root)
+    example = _input_example(paths)
+    session = OnnxModel(paths.onnx_model)
+    mlflow.onnx.log_model(
+        onnx.load(str(paths.onnx_model)),
+        name=ONNX_MODEL_NAME,
+        signature=infer_signature(example, session.predict_on_batch(example)),
+        input_example=example,
+    )
 
 
 # ---------------------------------------------------------------- `ui`

@@ -18,9 +18,9 @@ from PIL import Image
 
 from pipeline.paths import Paths
 
-STAGES = ["download", "preprocess", "train", "evaluate"]
+STAGES = ["download", "preprocess", "train", "evaluate", "export"]
 # files DVC caches, and the MLflow store: never for git
-NOT_FOR_GIT = ("data/raw", "data/processed", "models/model.h5", "models/run.json", "mlflow.db")
+NOT_FOR_GIT = ("data/raw", "data/processed", "models/", "mlflow.db")
 
 
 def environment(repo: Path) -> dict[str, str]:
@@ -172,7 +172,7 @@ def test_dvc_repro_then_an_experiment(tmp_path: Path) -> None:
 
     # ------------------------------------------------ an experiment with one param changed
     experiment = run(repo, "dvc", "exp", "run", "-S", "train.learning_rate=0.0005")
-    assert stages_run(experiment) == ["train", "evaluate"]
+    assert stages_run(experiment) == ["train", "evaluate", "export"]
     assert "Stage 'preprocess' didn't change, skipping" in experiment
     (name,) = re.findall(r"Ran experiment\(s\): (\S+)", experiment)
     new_metrics = json.loads(paths.metrics.read_text())
