@@ -60,6 +60,7 @@ _REQUIREMENTS = (
     "keras",
     "h5py",
     "numpy",
+    "onnxruntime",
     "pandas",
     "opencv-python-headless",
     "pillow",
