@@ -20,7 +20,7 @@ from pipeline.paths import Paths
 
 STAGES = ["download", "preprocess", "train", "evaluate", "export"]
 # files DVC caches, and the MLflow store: never for git
-NOT_FOR_GIT = ("data/raw", "data/processed", "models/", "mlflow.db")
+NOT_FOR_GIT = ("data/raw", "data/processed", "models/model.", "models/run.json", "mlflow.db")
 
 
 def environment(repo: Path) -> dict[str, str]:
