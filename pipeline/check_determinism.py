@@ -1,6 +1,6 @@
 """Does running stages again repeat their outputs byte for byte?
 
-    python -m pipeline.check_determinism                          # train and evaluate
+    python -m pipeline.check_determinism                          # train, evaluate, export
     python -m pipeline.check_determinism --stage evaluate         # one stage
     python -m pipeline.check_determinism --ignore models/run.json --ignore other.txt
 
@@ -38,7 +38,7 @@ from pipeline.paths import Paths
 log = logging.getLogger(__name__)
 
 SAME, DIFFERENT, ERROR = 0, 1, 2
-DEFAULT_STAGES = ("train", "evaluate")
+DEFAULT_STAGES = ("train", "evaluate", "export")  # every stage downstream of training
 PER_RUN = (Paths().run_info.as_posix(),)  # new MLflow run id each time, by design
 DIFF_LINES = 40
 TEXT_LIMIT = 1 << 20  # bytes; larger files are compared by hash only
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         dest="stages",
         action="append",
         metavar="NAME",
-        help=f"a stage of dvc.yaml, repeatable (default: {' and '.join(DEFAULT_STAGES)})",
+        help=f"a stage of dvc.yaml, repeatable (default: {', '.join(DEFAULT_STAGES)})",
     )
     parser.add_argument(
         "--ignore",

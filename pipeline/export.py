@@ -13,6 +13,8 @@ arithmetic) and in its trained precision (what `evaluate` measured).
 from __future__ import annotations
 
 import logging
+import os
+import re
 import sys
 import tempfile
 import warnings
@@ -52,6 +54,44 @@ def float32_copy(model):
     return copy
 
 
+# the names tf2onnx makes up, `Transpose__84:0`, `const_starts__11`: numbered by a counter
+# that depends on what the process converted before, and prefixed by whichever use of a
+# shared constant came first
+_MADE_UP_NAME = re.compile(r"^.*__\d+(?P<output>:\d+)?$")
+
+
+def canonical_onnx(exported):
+    """The same graph with the names tf2onnx made up renumbered in the order the nodes use
+    them, initializers in that order too, so that the bytes depend on the graph alone."""
+    graph = exported.graph
+    renamed: dict[str, str] = {}
+
+    def name(old: str) -> str:
+        made_up = _MADE_UP_NAME.match(old)
+        if made_up is None:
+            return old
+        if old not in renamed:
+            renamed[old] = f"tf2onnx__{len(renamed)}{made_up['output'] or ''}"
+        return renamed[old]
+
+    for node in graph.node:
+        node.input[:] = [name(n) for n in node.input]
+        node.output[:] = [name(n) for n in node.output]
+        node.name = name(node.name)
+    for tensor in (*graph.initializer, *graph.value_info):
+        tensor.name = name(tensor.name)
+    for value in (*graph.input, *graph.output, *graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:  # the batch size: `unk__104`
+            if dim.WhichOneof("value") == "dim_param":
+                dim.dim_param = name(dim.dim_param)
+    order = {n: i for i, n in enumerate(n for node in graph.node for n in node.input)}
+    tensors = sorted(graph.initializer, key=lambda t: (order.get(t.name, len(order)), t.name))
+    graph.ClearField("initializer")
+    graph.initializer.extend(tensors)
+    graph.doc_string = "exported by python -m pipeline.export"
+    return exported
+
+
 def onnx_bytes(model, info_json: str) -> bytes:
     """`model` as ONNX, with `info_json` as its `ATTRIBUTE` metadata entry."""
     import onnx
@@ -62,7 +102,7 @@ def onnx_bytes(model, info_json: str) -> bytes:
         with warnings.catch_warnings():  # tf2onnx's own use of np.object
             warnings.simplefilter("ignore", FutureWarning)
             model.export(str(path), format="onnx", verbose=False, opset_version=OPSET)
-        exported = onnx.load(str(path))
+        exported = canonical_onnx(onnx.load(str(path)))
     entry = exported.metadata_props.add()
     entry.key, entry.value = ATTRIBUTE, info_json
     return exported.SerializeToString()
@@ -146,6 +186,9 @@ def run_tracked(params: Params, paths: Paths) -> dict:
     return report
 
 
+HASH_SEED = "0"
+
+
 def main(argv: list[str] | None = None) -> int:
     return run_stage(
         argv,
@@ -158,4 +201,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if os.environ.get("PYTHONHASHSEED") != HASH_SEED:
+        # tf2onnx orders parts of the graph by Python's per-process string hashing, so two
+        # exports of one model differed in bytes (and in DVC's hash): run with a fixed seed
+        command = [sys.executable, "-m", "pipeline.export", *sys.argv[1:]]
+        os.execve(sys.executable, command, {**os.environ, "PYTHONHASHSEED": HASH_SEED})
     sys.exit(main())
