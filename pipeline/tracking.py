@@ -167,7 +167,6 @@ def _reason(exc: Exception) -> str:
 
 def check_reachable(uri: str, root: Path) -> None:
     """Fail fast, before any training, when the store at `uri` cannot be used."""
-
     try:
         with _short_http_timeouts():
             MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
@@ -189,7 +188,6 @@ def _artifact_location(root: Path, experiment: str) -> str:
 
 def open_experiment(name: str, uri: str, artifact_location: str | None) -> str:
     """The id of experiment `name`, created on first use with `artifact_location`."""
-
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
@@ -277,7 +275,6 @@ def git_tags(paths: Paths) -> dict[str, str]:
 
 
 def _locked_md5(lock_file: Path, out: str) -> str | None:
-
     try:
         with lock_file.open(encoding="utf-8") as fh:
             lock = yaml.safe_load(fh) or {}
@@ -291,7 +288,6 @@ def _locked_md5(lock_file: Path, out: str) -> str | None:
 
 
 def _computed_md5(folder: Path) -> str:
-
     fs = LocalFileSystem()
     with tempfile.TemporaryDirectory() as scratch:
         _, _, obj = build(HashFileDB(fs, scratch), str(folder.resolve()), fs, "md5", dry_run=True)
@@ -351,7 +347,6 @@ def dataset_name(params: Params) -> str:
 def log_dataset(params: Params, paths: Paths, digest: str | None) -> None:
     """`data/processed` as the run's dataset input, with DVC's hash as its digest, so the
     runs table's Dataset column says what each model learned from."""
-
     with warnings.catch_warnings():  # two equal local sources registered (mlflow's own doing)
         warnings.simplefilter("ignore", UserWarning)
         source = resolve_dataset_source(str(paths.processed.resolve()))
@@ -361,6 +356,14 @@ def log_dataset(params: Params, paths: Paths, digest: str | None) -> None:
 
 def _param_values(params: Params) -> dict[str, str]:
     return {key: str(value) for key, value in flatten(params).items()}
+
+
+def record_inputs(params: Params, paths: Paths, **extra_tags: str) -> None:
+    """What a new run was made from: every param, the tags, and the dataset input."""
+    mlflow.log_params(_param_values(params))
+    md5 = data_md5(paths)
+    mlflow.set_tags({**run_tags(params, paths, md5), **extra_tags})
+    log_dataset(params, paths, md5)
 
 
 def epoch_logger():
@@ -384,7 +387,6 @@ def epoch_logger():
 
 def _log_file(path: Path, root: Path) -> None:
     """Log `path` under the same folder as in the project (`reports/figures/...`)."""
-
     if not path.is_file():
         log.warning("%s: missing, not logged to MLflow", path)
         return
@@ -394,7 +396,6 @@ def _log_file(path: Path, root: Path) -> None:
 
 def _input_example(paths: Paths, count: int = 2):
     """A few validation images as the model takes them: float32 [n, size, size, 1] in [0, 255]."""
-
     files = sorted((paths.processed / "validation").glob("*/*.png"))[:count]
     return np.stack([read_image(f)[..., None] for f in files]).astype("float32")
 
@@ -402,7 +403,6 @@ def _input_example(paths: Paths, count: int = 2):
 def _save_keras_model(path: str, **kwargs: Any) -> None:
     """`mlflow.keras.save_model`, with the model folder made first: MLflow writes the input
     example before it creates the folder (mlflow/mlflow#16183, still open in MLflow 3)."""
-
     import mlflow.keras  # imports Keras, and so TensorFlow: not before the params are good
 
     Path(path).mkdir(parents=True, exist_ok=True)
@@ -448,7 +448,6 @@ def log_training_outputs(params: Params, paths: Paths) -> None:
 
 def log_history(history_csv: Path) -> None:
     """The per-epoch curves from `history.csv`, for a run that did not watch the training."""
-
     for row in pd.read_csv(history_csv).to_dict("records"):
         values = {k: float(row[k]) for k in (*EPOCH_METRICS, "lr")}
         mlflow.log_metrics(values, step=int(row["epoch"]))
@@ -466,7 +465,6 @@ def evaluation_metrics(metrics: dict) -> dict[str, float]:
 
 
 def log_evaluation(metrics: dict, paths: Paths) -> None:
-
     mlflow.log_metrics(evaluation_metrics(metrics))
     for path in (paths.classification_report, paths.confusion_figure):
         _log_file(path, paths.root)
@@ -496,7 +494,6 @@ def sigterm_raises() -> Iterator[None]:
 @contextlib.contextmanager
 def ending_run() -> Iterator[None]:
     """End the active run FINISHED, or KILLED on Ctrl-C or SIGTERM, or FAILED on an error."""
-
     try:
         yield
     except BaseException as exc:
@@ -531,44 +528,41 @@ def training_run(params: Params, paths: Paths) -> Iterator[list]:
     training: its reports and model, and `models/run.json` naming the run for
     `evaluate`. The run ends FINISHED, FAILED or KILLED (`ending_run`).
     """
-
     uri, experiment_id = connect(params.mlflow.experiment)
     with sigterm_raises(), ending_run():
         run = mlflow.start_run(
             experiment_id=experiment_id, run_name=run_name(params), log_system_metrics=True
         )
         log.info("MLflow run %s (%s) in %s", run.info.run_name, run.info.run_id, uri)
-        mlflow.log_params(_param_values(params))
-        md5 = data_md5(paths)
-        mlflow.set_tags({**run_tags(params, paths, md5), STAGE_TAG: "training"})
-        log_dataset(params, paths, md5)
+        record_inputs(params, paths, **{STAGE_TAG: "training"})
         yield [epoch_logger()]
         log_training_outputs(params, paths)
         write_run_info(paths.run_info, RunInfo(run.info.run_id, experiment_id, uri))
         mlflow.set_tag(STAGE_TAG, "trained")
 
 
-def _not_in_store(info: RunInfo | None, uri: str, run_info: Path) -> str | None:
-    """Why `run_info` names no usable run in the store at `uri`, or None when it does."""
+def _training_run(info: RunInfo | None, uri: str, run_info: Path):
+    """The run `run_info` names in the store at `uri`, and None; or None and why there is
+    no usable one."""
     if info is None:
-        return f"{run_info} names no MLflow run"
+        return None, f"{run_info} names no MLflow run"
     try:
         run = MlflowClient(tracking_uri=uri).get_run(info.run_id)
     except MlflowException:
-        return (
+        return None, (
             f"run {info.run_id} of {run_info} is not in {uri} "
             f"(it was tracked in {info.tracking_uri})"
         )
     if run.info.lifecycle_stage == "deleted":
-        return f"run {info.run_id} of {run_info} is deleted"
-    return None
+        return None, f"run {info.run_id} of {run_info} is deleted"
+    return run, None
 
 
 def _resumable(info: RunInfo | None, params: Params, uri: str, run_info: Path) -> str | None:
     """Why the training run cannot take this evaluation, or None when it can."""
-    if why_not := _not_in_store(info, uri, run_info):
+    run, why_not = _training_run(info, uri, run_info)
+    if why_not:
         return why_not
-    run = MlflowClient(tracking_uri=uri).get_run(info.run_id)
     # a change in any other group reruns `train`, which opens a new run
     changed = sorted(
         key
@@ -589,7 +583,6 @@ def evaluation_run(params: Params, paths: Paths) -> Iterator[None]:
     evaluate.tta=true`), the evaluation goes to a new run that also gets the training's record from
     the files: params, tags, curves from `history.csv`, reports and model.
     """
-
     uri, experiment_id = connect(params.mlflow.experiment)
     info = read_run_info(paths.run_info)
     why_not = _resumable(info, params, uri, paths.run_info)
@@ -599,10 +592,7 @@ def evaluation_run(params: Params, paths: Paths) -> Iterator[None]:
         else:
             log.warning("%s: logging this evaluation to a new MLflow run", why_not)
             run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name(params))
-            mlflow.log_params(_param_values(params))
-            md5 = data_md5(paths)
-            mlflow.set_tags({**run_tags(params, paths, md5), "mlflow.note.content": why_not})
-            log_dataset(params, paths, md5)
+            record_inputs(params, paths, **{"mlflow.note.content": why_not})
             if info is not None:
                 mlflow.set_tag("train_run_id", info.run_id)
             log_history(paths.history)
@@ -618,7 +608,8 @@ def export_run(params: Params, paths: Paths) -> Iterator[bool]:
     False, with a warning and no run, when `models/run.json` names none in the store."""
     uri, _ = connect(params.mlflow.experiment)
     info = read_run_info(paths.run_info)
-    if why_not := _not_in_store(info, uri, paths.run_info):
+    _, why_not = _training_run(info, uri, paths.run_info)
+    if why_not:
         log.warning("%s: the exported models are not logged to MLflow", why_not)
         yield False
         return
