@@ -653,6 +653,16 @@ def _experiment_id(uri: str, experiment: str) -> str | None:
     return found.experiment_id if found else None
 
 
+def ui_command(uri: str, root: Path, host: str, port: int) -> list[str]:
+    """`mlflow ui` on the local store `uri`, with the project's artifacts folder."""
+    return [
+        sys.executable, "-m", "mlflow", "ui",
+        "--backend-store-uri", uri,
+        "--artifacts-destination", str(root / ARTIFACTS_DIR),
+        "--host", host, "--port", str(port), "--workers", "1",
+    ]  # fmt: skip
+
+
 def ui(host: str, port: int, experiment: str | None = None) -> int:
     """Run `mlflow ui` on the project's store until Ctrl-C; print the link to the runs of
     `experiment` (default: the project's `mlflow.experiment`)."""
@@ -666,12 +676,7 @@ def ui(host: str, port: int, experiment: str | None = None) -> int:
         where = experiment_url(uri, found) if found else uri
         print(f"runs are tracked on the server {uri} (MLFLOW_TRACKING_URI): open {where}")
         return 0
-    command = [
-        sys.executable, "-m", "mlflow", "ui",
-        "--backend-store-uri", uri,
-        "--artifacts-destination", str(root / ARTIFACTS_DIR),
-        "--host", host, "--port", str(port), "--workers", "1",
-    ]  # fmt: skip
+    command = ui_command(uri, root, host, port)
     base = f"http://{host}:{port}"
     where = experiment_url(base, found) if found else base
     print(f"MLflow UI for {uri}: {where} (Ctrl-C stops it)", flush=True)

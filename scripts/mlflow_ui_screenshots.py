@@ -29,7 +29,13 @@ from mlflow import MlflowClient
 
 from pipeline.params import ParamsError, load_params
 from pipeline.paths import PARAMS_FILE
-from pipeline.tracking import experiment_url, is_remote, project_root, tracking_uri
+from pipeline.tracking import (
+    experiment_url,
+    is_remote,
+    project_root,
+    tracking_uri,
+    ui_command,
+)
 
 CHROMIUM_FLAGS = (
     "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -78,14 +84,11 @@ def mlflow_ui(uri: str):
         yield uri.rstrip("/")
         return
     port = _free_port()
-    root = project_root()
-    command = [
-        sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-        "--artifacts-destination", str(root / "mlartifacts"),
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-    ]  # fmt: skip
     process = subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        ui_command(uri, project_root(), "127.0.0.1", port),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         base = f"http://127.0.0.1:{port}"
