@@ -1,4 +1,4 @@
-"""Stage `evaluate`: score `models/model.h5` on the validation set.
+"""Stage `evaluate`: score `models/model.h5` on the validation and test splits.
 
 Writes `reports/metrics.json` (for `dvc metrics diff` and the CI gate), the
 per-class report as text and CSV, the confusion matrix as CSV (for DVC's
@@ -12,10 +12,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from pipeline import CLASSES, tracking
 from pipeline.atomic import write_json_atomic, write_text_atomic
 from pipeline.cli import run_stage
-from pipeline.figures import plot_confusion
+from pipeline.figures import plot_confusion, plot_message
 from pipeline.inference import load_model, predict_probabilities
 from pipeline.metrics import best_epoch, compute_metrics, confusion_rows
 from pipeline.params import Params
@@ -34,38 +36,67 @@ def train_scores(history_csv: Path, monitor: str) -> dict[str, float]:
     return {"epoch": epoch, "loss": float(row["loss"]), "accuracy": float(row["accuracy"])}
 
 
-def run(params: Params, paths: Paths) -> dict:
-    """Score the model on the validation split and write the reports."""
+def score_split(model, folder: Path, params: Params) -> tuple[dict, np.ndarray, str, str, str]:
+    """Metrics, confusion matrix, text and CSV reports and confusion rows of one split."""
     from pipeline.dataset import load_split  # TensorFlow: once the params are known good
 
-    make_deterministic(params.train.seed)
-    model = load_model(paths.model)
-    split = load_split(paths.processed / "validation", params.preprocess.picture_size)
+    split = load_split(folder, params.preprocess.picture_size)
     probabilities = predict_probabilities(
         model, split.array(), params.evaluate.batch_size, params.evaluate.tta
     )
     metrics, matrix, text, frame = compute_metrics(split.labels, probabilities)
+    rows = confusion_rows(split.labels, probabilities.argmax(1))
+    return metrics, matrix, text, frame.to_csv(float_format="%.6g"), rows
+
+
+def run(params: Params, paths: Paths) -> dict:
+    """Score the model on the validation and test splits and write the reports.
+
+    `metrics.json` keeps the validation scores at its top level (what the metric gate
+    and every choice of the pipeline compare) and the test scores under `test`.
+    """
+    make_deterministic(params.train.seed)
+    model = load_model(paths.model)
+    scores, matrix, text, csv, rows = score_split(model, paths.processed / "validation", params)
     best = train_scores(paths.history, params.train.checkpoint.monitor)
     metrics = {
-        "accuracy": metrics["accuracy"],
-        "loss": metrics["loss"],
-        "f1_macro": metrics["f1_macro"],
-        "f1_weighted": metrics["f1_weighted"],
+        "accuracy": scores["accuracy"],
+        "loss": scores["loss"],
+        "f1_macro": scores["f1_macro"],
+        "f1_weighted": scores["f1_weighted"],
         "train_loss": best["loss"],
         "train_accuracy": best["accuracy"],
         "best_epoch": best["epoch"],
-        "per_class": metrics["per_class"],
+        "per_class": scores["per_class"],
     }
+    report = f"Validation ({len(rows.splitlines()) - 1} images)\n\n{text}"
+    test_folder = paths.processed / "test"
+    if test_folder.is_dir():
+        test, test_matrix, test_text, test_csv, test_rows = score_split(model, test_folder, params)
+        metrics["test"] = test
+        report += f"\n\nTest ({len(test_rows.splitlines()) - 1} images)\n\n{test_text}"
+        plot_confusion(test_matrix, CLASSES, paths.confusion_test_figure, split="test")
+    else:
+        test_csv, test_rows = "", "actual,predicted\n"
+        report += f"\n\nTest: none ({test_folder} does not exist; see data.test_fraction)\n"
+        plot_message(
+            "No test split: see data.test_fraction in params.yaml", paths.confusion_test_figure
+        )
     write_json_atomic(paths.metrics, metrics)
-    write_text_atomic(paths.classification_report, text)
-    write_text_atomic(paths.classification_report_csv, frame.to_csv(float_format="%.6g"))
-    write_text_atomic(paths.confusion_csv, confusion_rows(split.labels, probabilities.argmax(1)))
+    write_text_atomic(paths.classification_report, report)
+    write_text_atomic(paths.classification_report_csv, csv)
+    write_text_atomic(paths.classification_report_test_csv, test_csv)
+    write_text_atomic(paths.confusion_csv, rows)
+    write_text_atomic(paths.confusion_test_csv, test_rows)
     plot_confusion(matrix, CLASSES, paths.confusion_figure)
     print(f"Training Loss : {best['loss']:.2f}")
     print(f"Training Accuracy : {best['accuracy']:.2f}")
     print(f"Validation Loss : {metrics['loss']:.2f}")
     print(f"Validation Accuracy : {metrics['accuracy']:.2f}")
-    print(text)
+    if "test" in metrics:
+        print(f"Test Loss : {metrics['test']['loss']:.2f}")
+        print(f"Test Accuracy : {metrics['test']['accuracy']:.2f}")
+    print(report)
     return metrics
 
 
@@ -81,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     return run_stage(
         argv,
         stage="evaluate",
-        description="Score models/model.h5 on the validation images (stage `evaluate`).",
+        description="Score models/model.h5 on the validation and test images (stage `evaluate`).",
         work=run_tracked,
         errors=(FileNotFoundError, ValueError, TrackingError),
         tensorflow=True,

@@ -62,7 +62,9 @@ def plot_training_curves(history: pd.DataFrame, out: Path, optimizer: str = "Ada
         _save(fig, out)
 
 
-def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], out: Path) -> None:
+def plot_confusion(
+    matrix: np.ndarray, class_names: Sequence[str], out: Path, split: str = "validation"
+) -> None:
     """Heatmaps of the confusion counts and of the row-normalised rates."""
     import seaborn as sns
 
@@ -94,5 +96,13 @@ def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], out: Path) ->
     for ax in (left, right):
         ax.set_xlabel("Predicted")
         ax.set_ylabel("Actual")
-    fig.suptitle("Confusion matrix (validation)")
+    fig.suptitle(f"Confusion matrix ({split})")
+    _save(fig, out)
+
+
+def plot_message(text: str, out: Path) -> None:
+    """A small figure that only says `text` (a declared figure with nothing to draw)."""
+    fig, ax = plt.subplots(figsize=(6, 1.2))
+    ax.axis("off")
+    ax.text(0.5, 0.5, text, ha="center", va="center")
     _save(fig, out)

@@ -105,3 +105,15 @@ class Paths:
     @property
     def confusion_figure(self) -> Path:
         return self.figures / "confusion_matrix.png"
+
+    @property
+    def classification_report_test_csv(self) -> Path:
+        return self.reports / "classification_report_test.csv"
+
+    @property
+    def confusion_test_csv(self) -> Path:
+        return self.reports / "confusion_matrix_test.csv"
+
+    @property
+    def confusion_test_figure(self) -> Path:
+        return self.figures / "confusion_matrix_test.png"

@@ -1,4 +1,4 @@
-"""Stage `preprocess`: `data/raw` → `data/processed/{train,validation}/<class>/*.png`.
+"""Stage `preprocess`: `data/raw` → `data/processed/{train,validation,test}/<class>/*.png`.
 
 Every image is decoded (any common format and colour mode, EXIF orientation
 applied), optionally cut to its face and aligned, then turned into the model's
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline import CLASSES
+from pipeline import CLASSES, REQUIRED_SPLITS, SPLITS
 from pipeline.atomic import atomic_dir, write_json_atomic
 from pipeline.cli import run_stage
 from pipeline.imageops import IMAGE_SUFFIXES, ImageError, encode_png, read_image, to_model_input
@@ -29,8 +29,6 @@ from pipeline.params import PreprocessParams
 from pipeline.paths import Paths
 
 log = logging.getLogger(__name__)
-
-SPLITS = ("train", "validation")
 
 
 class PreprocessError(RuntimeError):
@@ -50,6 +48,11 @@ class Outcome:
     face_found: bool | None  # None when face detection is off
 
 
+def splits_in(raw: Path) -> list[str]:
+    """train and validation, and test where `raw` has it."""
+    return [s for s in SPLITS if s in REQUIRED_SPLITS or (raw / s).is_dir()]
+
+
 def list_jobs(raw: Path) -> list[Job]:
     """Every image under raw/<split>/<class>/, in a stable order."""
     if not raw.is_dir():
@@ -57,13 +60,13 @@ def list_jobs(raw: Path) -> list[Job]:
             f"{raw}: not found; run the download stage first (dvc repro download)"
         )
     jobs = []
-    for split in SPLITS:
+    for split in splits_in(raw):
         for name in CLASSES:
             folder = raw / split / name
             if not folder.is_dir():
                 raise PreprocessError(
-                    f"{folder}: missing; {raw} must hold {', '.join(SPLITS)} folders with one "
-                    f"folder per class ({', '.join(CLASSES)})"
+                    f"{folder}: missing; {raw} must hold {', '.join(REQUIRED_SPLITS)} (and "
+                    f"optionally test) folders with one folder per class ({', '.join(CLASSES)})"
                 )
             files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
             jobs += [
@@ -160,7 +163,8 @@ def process_all(jobs: list[Job], params: PreprocessParams, output: Path) -> list
 
 def summarize(outcomes: list[Outcome], params: PreprocessParams, seconds: float) -> dict:
     """The content of `reports/preprocess.json`."""
-    written: dict[str, dict[str, int]] = {s: dict.fromkeys(CLASSES, 0) for s in SPLITS}
+    splits = dict.fromkeys(o.job.relative_output.parts[0] for o in outcomes)
+    written: dict[str, dict[str, int]] = {s: dict.fromkeys(CLASSES, 0) for s in splits}
     bad = []
     for outcome in outcomes:
         split, name = outcome.job.relative_output.parts[:2]
@@ -203,7 +207,12 @@ def run(params: PreprocessParams, paths: Paths) -> dict:
                 f"({report['bad_fraction']:.1%}), more than preprocess.max_bad_fraction="
                 f"{params.max_bad_fraction}; see {paths.preprocess_report} for each file and reason"
             )
-        empty = [f"{s}/{c}" for s in SPLITS for c in CLASSES if report["images"][s][c] == 0]
+        empty = [
+            f"{split}/{name}"
+            for split, counts in report["images"].items()
+            for name in CLASSES
+            if counts[name] == 0
+        ]
         if empty:
             raise PreprocessError(f"no readable images left in {', '.join(empty)}")
     write_json_atomic(paths.preprocess_report, report)

@@ -23,12 +23,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline import CLASSES
+from pipeline import CLASSES, SPLITS
 from pipeline.atomic import atomic_dir
 
 log = logging.getLogger(__name__)
 
-SPLITS: tuple[str, ...] = ("train", "validation")
 
 # Share of each class in the real FER data the sample imitates.
 PROPORTIONS: dict[str, float] = {
@@ -104,7 +103,7 @@ def class_counts(total: int) -> dict[str, int]:
 
 
 def split_generator(seed: int, split: str) -> np.random.Generator:
-    """The generator for one split: train and validation draw different faces."""
+    """The generator for one split: each split draws different faces."""
     sequence = np.random.SeedSequence(seed, spawn_key=(SPLITS.index(split),))
     return np.random.Generator(np.random.PCG64(sequence))
 
@@ -398,12 +397,13 @@ def _check_integer(name: str, value: object, lo: int, hi: int | None = None) -> 
     raise ValueError(f"{name}: {value!r} is not allowed; allowed: an integer {allowed}")
 
 
-def _check_arguments(
-    train_images: int, validation_images: int, seed: int, picture_size: int
-) -> None:
+def _check_arguments(totals: dict[str, int], seed: int, picture_size: int) -> None:
     least = MIN_PER_CLASS * len(CLASSES)
-    for name, value in (("train_images", train_images), ("validation_images", validation_images)):
+    for split, value in totals.items():
+        name = f"{split}_images"
         _check_integer(name, value, 0)
+        if split == "test" and value == 0:
+            continue
         if value < least:
             raise ValueError(
                 f"{name}: {value} is too few; each of the {len(CLASSES)} classes needs "
@@ -428,28 +428,34 @@ def _write_split(
 
 
 def generate_sample(
-    out_dir: Path, train_images: int, validation_images: int, seed: int, picture_size: int = 48
+    out_dir: Path,
+    train_images: int,
+    validation_images: int,
+    seed: int,
+    picture_size: int = 48,
+    test_images: int = 0,
 ) -> dict[str, dict[str, int]]:
-    """Draw the sample into `out_dir/{train,validation}/<class>/sample_NNNNN.jpg`.
+    """Draw the sample into `out_dir/{train,validation,test}/<class>/sample_NNNNN.jpg`.
 
+    `test_images=0` draws no test split. Each split has its own random stream, so the
+    train and validation faces do not depend on whether a test split is drawn.
     Returns the image counts as `{split: {class: n}}`. The folder is drawn in a
     temporary sibling and renamed into place when complete, so an interrupted
     run leaves either the previous folder or none.
     """
-    _check_arguments(train_images, validation_images, seed, picture_size)
+    totals = {"train": train_images, "validation": validation_images, "test": test_images}
+    _check_arguments(totals, seed, picture_size)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"out_dir: {out_dir} exists and is not a folder")
-    totals = {"train": train_images, "validation": validation_images}
-    counts = {split: class_counts(totals[split]) for split in SPLITS}
+    counts = {split: class_counts(total) for split, total in totals.items() if total}
 
     with atomic_dir(out_dir) as tmp:
-        for split in SPLITS:
+        for split in counts:
             _write_split(tmp / split, counts[split], split_generator(seed, split), picture_size)
     log.info(
-        "drew %d train and %d validation sample images into %s",
-        train_images,
-        validation_images,
+        "drew %s sample images into %s",
+        ", ".join(f"{totals[split]} {split}" for split in counts),
         out_dir,
     )
     return counts

@@ -9,7 +9,8 @@ removes the scratch folder and leaves `dest` as it was.
 The layouts recognised, in a zip or a folder, optionally inside one top folder:
 `images/train/<class>/` + `images/validation/<class>/` (the Kaggle dataset
 jonathanoheix/face-expression-recognition-dataset) and `train/<class>/` +
-`test/<class>/` (msambare/fer2013, where `test` becomes `validation`). Split and
+`test/<class>/` (msambare/fer2013, where `test` becomes `validation`); a source with
+train/, validation/ and test/ keeps its test split. Split and
 class folder names match case-insensitively. Only image files are taken, by
 extension; hidden files, `__MACOSX` and other non-images are ignored. Images are
 not decoded here: `preprocess` reads them and reports the bad ones.
@@ -30,14 +31,14 @@ from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
-from pipeline import CLASSES
+from pipeline import CLASSES, REQUIRED_SPLITS, SPLITS
 from pipeline.atomic import atomic_dir
 
 log = logging.getLogger(__name__)
 
-SPLITS: tuple[str, ...] = ("train", "validation")
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 _SPLIT_ALIASES = {"train": "train", "validation": "validation", "test": "validation"}
 _IGNORED_NAMES = frozenset({"__macosx"})
@@ -69,12 +70,33 @@ def count_images(root: Path) -> Counts:
         raise SourceError(f"{root}: no such folder; run the download stage first")
     counts: Counts = {}
     for split in SPLITS:
+        if split not in REQUIRED_SPLITS and not (root / split).is_dir():
+            continue
         counts[split] = {}
         for cls in CLASSES:
             folder = root / split / cls
             files = folder.iterdir() if folder.is_dir() else ()
             counts[split][cls] = sum(1 for f in files if _is_image(f.name) and f.is_file())
     return counts
+
+
+def carve_test_split(root: Path, fraction: float, seed: int) -> Counts:
+    """Move `fraction` of each class of `root/validation` into `root/test`; return the counts.
+
+    Stratified (the same share of every class, rounded, at least one face left in
+    validation) and seeded: the faces are drawn from the sorted file names with a
+    generator of its own made from `seed`, so the same data and seed give the same split.
+    """
+    root = Path(root)
+    generator = np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=(7,))))
+    for cls in CLASSES:
+        files = sorted(p for p in (root / "validation" / cls).iterdir() if _is_image(p.name))
+        take = min(round(len(files) * fraction), len(files) - 1)
+        target = root / "test" / cls
+        target.mkdir(parents=True, exist_ok=True)
+        for index in sorted(generator.permutation(len(files))[:take]):
+            files[index].replace(target / files[index].name)
+    return count_images(root)
 
 
 def extract_archive(archive: Path, dest: Path) -> Counts:
@@ -109,7 +131,7 @@ def copy_directory(src: Path, dest: Path) -> Counts:
     files = _walk_files(src)
     plan = _plan_layout(files, where=str(src))
     with atomic_dir(dest) as out:
-        _make_class_folders(out)
+        _make_class_folders(out, {split for split, _ in plan.values()})
         for rel, (split, cls) in tqdm(plan.items(), desc="copy", unit="file", disable=None):
             try:
                 shutil.copyfile(files[rel], out / split / cls / PurePosixPath(rel).name)
@@ -230,8 +252,8 @@ def _is_ignored(part: str) -> bool:
     return part.startswith(".") or part.lower() in _IGNORED_NAMES
 
 
-def _make_class_folders(out: Path) -> None:
-    for split in SPLITS:
+def _make_class_folders(out: Path, splits: Iterable[str]) -> None:
+    for split in splits:
         for cls in CLASSES:
             (out / split / cls).mkdir(parents=True)
 
@@ -280,7 +302,7 @@ def _extract_zip(archive: Path, out: Path, where: str) -> None:
         with zipfile.ZipFile(archive) as zf:
             members = _checked_members(zf, where)
             plan = _plan_layout(members, where)
-            _make_class_folders(out)
+            _make_class_folders(out, {split for split, _ in plan.values()})
             for name, (split, cls) in tqdm(plan.items(), desc="extract", unit="file", disable=None):
                 target = out / split / cls / PurePosixPath(name).name
                 with zf.open(members[name]) as src, target.open("wb") as dst:
@@ -327,11 +349,16 @@ def _plan_layout(paths: Iterable[str], where: str) -> dict[str, tuple[str, str]]
         )
     root = shallowest[0]
     wanted = {"train": "train"}
-    wanted["validation" if "validation" in splits_at[root] else "test"] = "validation"
+    if "validation" in splits_at[root]:
+        wanted["validation"] = "validation"
+        if "test" in splits_at[root]:
+            wanted["test"] = "test"  # the source's own test split, kept as it is
+    else:
+        wanted["test"] = "validation"
 
     prefix = "/".join(root) + "/" if root else ""
     plan: dict[str, tuple[str, str]] = {}
-    folders: dict[str, dict[str, str]] = {split: {} for split in SPLITS}  # class → its folder
+    folders: dict[str, dict[str, str]] = {split: {} for split in wanted.values()}  # class → folder
     skipped: list[str] = []
     for key, path in images.items():
         rel = path.parts[len(root) :]

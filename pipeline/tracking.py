@@ -446,6 +446,11 @@ def log_training_outputs(params: Params, paths: Paths) -> None:
         log_models(params, paths)
 
 
+def log_training_speed(seconds: float, images_per_second: float) -> None:
+    """How long `model.fit` took (`train_seconds`) and its `train_images_per_second`."""
+    mlflow.log_metrics({"train_seconds": seconds, "train_images_per_second": images_per_second})
+
+
 def log_history(history_csv: Path) -> None:
     """The per-epoch curves from `history.csv`, for a run that did not watch the training."""
     for row in pd.read_csv(history_csv).to_dict("records"):
@@ -454,20 +459,27 @@ def log_history(history_csv: Path) -> None:
 
 
 def evaluation_metrics(metrics: dict) -> dict[str, float]:
-    """`metrics.json` as MLflow metrics: `eval_accuracy`, ..., `eval_f1_<class>`, `best_epoch`.
+    """`metrics.json` as MLflow metrics: `eval_accuracy`, ..., `eval_f1_<class>`, `best_epoch`
+    for the validation split, and `test_accuracy`, ..., `test_f1_<class>` for the test split.
 
     The `eval_` prefix keeps them apart from the per-epoch `loss` and `accuracy` curves.
     """
-    flat = {f"eval_{key}": float(metrics[key]) for key in EVAL_METRICS}
-    flat.update({f"eval_f1_{name}": float(metrics["per_class"][name]["f1"]) for name in CLASSES})
-    flat["best_epoch"] = float(metrics["best_epoch"])
+    flat = {"best_epoch": float(metrics["best_epoch"])}
+    for prefix, scores in (("eval", metrics), ("test", metrics.get("test"))):
+        if scores is None:
+            continue
+        flat.update({f"{prefix}_{key}": float(scores[key]) for key in EVAL_METRICS})
+        flat.update(
+            {f"{prefix}_f1_{name}": float(scores["per_class"][name]["f1"]) for name in CLASSES}
+        )
     return flat
 
 
 def log_evaluation(metrics: dict, paths: Paths) -> None:
     mlflow.log_metrics(evaluation_metrics(metrics))
-    for path in (paths.classification_report, paths.confusion_figure):
-        _log_file(path, paths.root)
+    for path in (paths.classification_report, paths.confusion_figure, paths.confusion_test_figure):
+        if path.exists():
+            _log_file(path, paths.root)
 
 
 # ---------------------------------------------------------------- run life cycle

@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = {
     "data.sample_train_images": 70,
     "data.sample_validation_images": 70,
+    "data.sample_test_images": 35,
     "preprocess.workers": 1,
     "train.epochs": 1,
     "train.batch_size": 32,
@@ -65,8 +66,9 @@ def git(cwd: Path, *args: str) -> str:
     return done.stdout.strip()
 
 
-def untrained_model(path: Path, preprocess: PreprocessParams) -> Path:
-    """The seed CNN, untrained (seed 0), saved as .h5 and stamped with `preprocess`."""
+def untrained_model(path: Path, preprocess: PreprocessParams, **model: object) -> Path:
+    """The seed CNN (or `model.*` as given), untrained (seed 0), saved as .h5 and stamped
+    with `preprocess`."""
     import keras
 
     from pipeline import CLASSES
@@ -75,9 +77,9 @@ def untrained_model(path: Path, preprocess: PreprocessParams) -> Path:
 
     keras.utils.set_random_seed(0)
     size = preprocess.picture_size
-    model_params = tiny_params().model.model_copy(update={"arch": "seed"})
+    model_params = tiny_params().model.model_copy(update={"arch": "seed", **model})
     build_model(model_params, (size, size, 1), len(CLASSES)).save(path)
-    write_model_info(path, info_for(preprocess, "seed"))
+    write_model_info(path, info_for(preprocess, model_params.arch))
     return path
 
 

@@ -52,7 +52,9 @@ METRIC_KEYS = {
     "train_accuracy",
     "best_epoch",
     "per_class",
+    "test",
 }
+SCORE_KEYS = {"accuracy", "loss", "f1_macro", "f1_weighted", "per_class"}
 
 
 pytestmark = pytest.mark.usefixtures("float32_policy")
@@ -137,11 +139,11 @@ def known_probabilities(images: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=1, keepdims=True)
 
 
-def validation_set(paths: Paths) -> tuple[np.ndarray, np.ndarray]:
-    """The validation pictures read by this test, class by class, files in name order."""
+def split_set(paths: Paths, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The pictures of one split read by this test, class by class, files in name order."""
     images, labels = [], []
     for label, name in enumerate(CLASSES):
-        for file in sorted((paths.processed / "validation" / name).glob("*.png")):
+        for file in sorted((paths.processed / split / name).glob("*.png")):
             with Image.open(file) as image:
                 images.append(np.asarray(image, dtype=np.float64))
             labels.append(label)
@@ -171,45 +173,79 @@ def f1_scores(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[float, float]:
     return float(np.mean(f1)), float(np.dot(f1, support) / np.sum(support))
 
 
-def check_outputs(paths: Paths, metrics: dict, expected: np.ndarray, labels: np.ndarray) -> None:
+def check_scores(scores: dict, expected: np.ndarray, labels: np.ndarray) -> None:
     predicted = expected.argmax(axis=1)
-    assert json.loads(paths.metrics.read_text()) == metrics
-    assert set(metrics) == METRIC_KEYS
-    assert metrics["accuracy"] == pytest.approx(np.mean(predicted == labels), abs=1e-12)
+    assert scores["accuracy"] == pytest.approx(np.mean(predicted == labels), abs=1e-12)
     true_class = expected[np.arange(len(labels)), labels]
-    assert metrics["loss"] == pytest.approx(-np.mean(np.log(true_class)), rel=1e-5)
+    assert scores["loss"] == pytest.approx(-np.mean(np.log(true_class)), rel=1e-5)
     f1_macro, f1_weighted = f1_scores(labels, predicted)
-    assert metrics["f1_macro"] == pytest.approx(f1_macro)
-    assert metrics["f1_weighted"] == pytest.approx(f1_weighted)
-    assert list(metrics["per_class"]) == list(CLASSES)
-    assert [v["support"] for v in metrics["per_class"].values()] == np.bincount(
+    assert scores["f1_macro"] == pytest.approx(f1_macro)
+    assert scores["f1_weighted"] == pytest.approx(f1_weighted)
+    assert list(scores["per_class"]) == list(CLASSES)
+    assert [v["support"] for v in scores["per_class"].values()] == np.bincount(
         labels, minlength=len(CLASSES)
     ).tolist()
 
-    rows = paths.confusion_csv.read_text().splitlines()
+
+def check_split_files(
+    scores: dict, expected: np.ndarray, labels: np.ndarray, confusion: Path, csv: Path
+) -> None:
+    predicted = expected.argmax(axis=1)
+    rows = confusion.read_text().splitlines()
     assert rows[0] == "actual,predicted"
-    assert len(rows) == 1 + len(labels) == 71
+    assert len(rows) == 1 + len(labels)
     pairs = Counter(tuple(row.split(",")) for row in rows[1:])
     assert pairs == Counter(
         (CLASSES[a], CLASSES[p]) for a, p in zip(labels, predicted, strict=True)
     )
-
-    report = pd.read_csv(paths.classification_report_csv, index_col=0)
+    report = pd.read_csv(csv, index_col=0)
     assert list(report.index) == [*CLASSES, "accuracy", "macro avg", "weighted avg"]
     assert list(report.columns) == ["precision", "recall", "f1-score", "support"]
     for name in CLASSES:
-        scores = metrics["per_class"][name]
-        assert report.loc[name, "recall"] == pytest.approx(scores["recall"], abs=1e-5)
-        assert report.loc[name, "f1-score"] == pytest.approx(scores["f1"], abs=1e-5)
-    assert report.loc["macro avg", "f1-score"] == pytest.approx(f1_macro, abs=1e-5)
-    text = paths.classification_report.read_text()
-    for name in CLASSES:
-        assert re.search(rf"^\s*{name}\s+\d\.\d{{4}}", text, re.MULTILINE), name
-    assert f"{metrics['accuracy']:.4f}" in text
+        assert report.loc[name, "recall"] == pytest.approx(
+            scores["per_class"][name]["recall"], abs=1e-5
+        )
+        assert report.loc[name, "f1-score"] == pytest.approx(
+            scores["per_class"][name]["f1"], abs=1e-5
+        )
+    assert report.loc["macro avg", "f1-score"] == pytest.approx(scores["f1_macro"], abs=1e-5)
 
-    with Image.open(paths.confusion_figure) as figure:
+
+def check_figure(path: Path) -> None:
+    with Image.open(path) as figure:
         assert figure.width > 500
         assert np.asarray(figure.convert("L")).std() > 5  # drawn on, not blank
+
+
+def check_outputs(paths: Paths, metrics: dict, expect) -> None:
+    """Every output against `expect(images)`, the probabilities the model must give."""
+    assert json.loads(paths.metrics.read_text()) == metrics
+    assert set(metrics) == METRIC_KEYS
+    assert set(metrics["test"]) == SCORE_KEYS
+    images, labels = split_set(paths, "validation")
+    test_images, test_labels = split_set(paths, "test")
+    assert (len(labels), len(test_labels)) == (70, 35)
+    check_scores(metrics, expect(images), labels)
+    check_scores(metrics["test"], expect(test_images), test_labels)
+    assert metrics["test"]["accuracy"] != metrics["accuracy"]  # other faces, other scores
+    check_split_files(
+        metrics, expect(images), labels, paths.confusion_csv, paths.classification_report_csv
+    )
+    check_split_files(
+        metrics["test"], expect(test_images), test_labels,
+        paths.confusion_test_csv, paths.classification_report_test_csv,
+    )  # fmt: skip
+
+    text = paths.classification_report.read_text()
+    validation_text, test_text = text.split("\nTest (35 images)\n")
+    assert validation_text.startswith("Validation (70 images)\n")
+    for name in CLASSES:
+        assert re.search(rf"^\s*{name}\s+\d\.\d{{4}}", validation_text, re.MULTILINE), name
+        assert re.search(rf"^\s*{name}\s+\d\.\d{{4}}", test_text, re.MULTILINE), name
+    assert f"{metrics['accuracy']:.4f}" in validation_text
+    assert f"{metrics['test']['accuracy']:.4f}" in test_text
+    check_figure(paths.confusion_figure)
+    check_figure(paths.confusion_test_figure)
 
 
 @pytest.mark.parametrize(
@@ -224,13 +260,12 @@ def test_evaluation_of_a_known_model(
     save_known_model(paths, params)
     assert read_model_info(paths.model).arch == "known"
     paths.history.write_text(HISTORY)
-    images, labels = validation_set(paths)
-    expected = known_probabilities(images)
-    assert len(set(expected.argmax(axis=1))) >= 3  # not one class for every picture
+    images, _ = split_set(paths, "validation")
+    assert len(set(known_probabilities(images).argmax(axis=1))) >= 3  # not one class for all
 
     metrics = evaluate.run(params, paths)
 
-    check_outputs(paths, metrics, expected, labels)
+    check_outputs(paths, metrics, known_probabilities)
     # the training scores of the epoch the checkpoint kept
     assert metrics["best_epoch"] == epoch
     assert metrics["train_loss"] == train_loss
@@ -250,14 +285,18 @@ def test_test_time_augmentation_averages_the_ten_views(tiny_project: Paths) -> N
     params = tiny_params(**{"evaluate.tta": True, "evaluate.batch_size": 16})
     save_known_model(paths, params)
     paths.history.write_text(HISTORY)
-    images, labels = validation_set(paths)
-    expected = np.mean([known_probabilities(view) for view in views(images)], axis=0)
-    plain = known_probabilities(images)
-    assert not np.allclose(expected, plain, atol=1e-3)  # the views do change the answer
+    images, _ = split_set(paths, "validation")
+
+    def expect(images: np.ndarray) -> np.ndarray:
+        return np.mean([known_probabilities(view) for view in views(images)], axis=0)
+
+    assert not np.allclose(expect(images), known_probabilities(images), atol=1e-3)  # views count
 
     metrics = evaluate.run(params, paths)
 
-    check_outputs(paths, metrics, expected, labels)
+    check_outputs(paths, metrics, expect)
+    labels = split_set(paths, "validation")[1]
+    plain = known_probabilities(images)
     plain_loss = -np.mean(np.log(plain[np.arange(len(labels)), labels]))
     assert metrics["loss"] != pytest.approx(plain_loss, rel=1e-3)
 
@@ -311,3 +350,24 @@ def test_tta_gives_ten_views_five_positions_each_with_its_mirror() -> None:
     # ... with its own edge mirrored in, not the opposite edge wrapped round
     np.testing.assert_array_equal(right[:, :, -s:], images[:, :, -1 : -s - 1 : -1])
     np.testing.assert_array_equal(up[:, :s], images[:, s - 1 :: -1][:, :s])
+
+
+def test_without_a_test_split_the_test_outputs_say_so(tiny_project: Paths, capsys) -> None:
+    paths = tiny_project
+    params = tiny_params(**{"evaluate.batch_size": 16})
+    save_known_model(paths, params)
+    paths.history.write_text(HISTORY)
+    processed = paths.processed.resolve()
+    (paths.root / "data").unlink()  # the shared tiny data, without its test split
+    (paths.root / "data" / "processed").mkdir(parents=True)
+    (paths.root / "data" / "processed" / "validation").symlink_to(processed / "validation")
+
+    metrics = evaluate.run(params, paths)
+
+    assert "test" not in metrics
+    assert set(metrics) == METRIC_KEYS - {"test"}
+    assert paths.confusion_test_csv.read_text() == "actual,predicted\n"
+    assert paths.classification_report_test_csv.read_text() == ""
+    assert "Test: none" in paths.classification_report.read_text()
+    assert paths.confusion_test_figure.stat().st_size > 0
+    assert "Test Accuracy" not in capsys.readouterr().out

@@ -30,8 +30,8 @@ def _run(client, experiment, name, arch, curve, minutes_per_epoch, evaluated=Tru
         client.log_metric(run.info.run_id, "val_accuracy", value, timestamp=stamp, step=epoch)
     if evaluated:
         for key, value in {
-            "eval_accuracy": 0.61234, "eval_f1_macro": 0.5, "eval_f1_disgust": 0.25,
-            "eval_f1_fear": 0.3,
+            "eval_accuracy": 0.61234, "test_accuracy": 0.6, "test_f1_macro": 0.5,
+            "test_f1_disgust": 0.25, "test_f1_fear": 0.3, "train_images_per_second": 281.4,
         }.items():  # fmt: skip
             client.log_metric(run.info.run_id, key, value)
     client.set_terminated(run.info.run_id)
@@ -57,7 +57,8 @@ def test_rows_time_the_first_epoch_to_reach_the_threshold(tmp_path: Path) -> Non
     lines = table.splitlines()
     assert "first val_accuracy ≥ 0.56" in lines[0] and len(lines) == 5
     assert lines[4] == (
-        "| slow | seed | 4 | 0.6123 | 0.5000 | 0.250 | 0.300 | 12.0 | epoch 3, 9.0 min |"
+        "| slow | seed | 4 | 0.6000 | 0.6123 | 0.5000 | 0.250 | 0.300 | 12.0 | 281 "
+        "| epoch 3, 9.0 min |"
     )
     assert "| not reached |" in lines[2]
 
@@ -68,7 +69,7 @@ def test_named_runs_come_in_the_order_asked_and_unknown_names_are_an_error(tmp_p
     _run(client, experiment, "b", "vgg", [0.5], 1.0, False, start=START + 1)
     assert [r.name for r in runs.collect(uri, "exp", ["b", "a"], 0.56)] == ["b", "a"]
     b = runs.collect(uri, "exp", ["b"], 0.56)[0]
-    assert b.accuracy is None and "| – |" in runs.format_table([b], 0.56)
+    assert b.accuracy is b.test_accuracy is None and "| – |" in runs.format_table([b], 0.56)
     with pytest.raises(LookupError, match="no run named c"):
         runs.collect(uri, "exp", ["a", "c"], 0.56)
     with pytest.raises(LookupError, match="no experiment 'other'"):
@@ -84,7 +85,7 @@ def test_the_command_reads_the_store_named_by_mlflow_tracking_uri(tmp_path: Path
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "| only | xception | 1 | 0.6123 |" in done.stdout
+    assert "| only | xception | 1 | 0.6000 | 0.6123 |" in done.stdout
     assert "epoch 1, 2.5 min" in done.stdout
     missing = subprocess.run(
         [sys.executable, "-m", "pipeline.runs", "--experiment", "exp", "ghost"],

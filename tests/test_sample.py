@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import CLASSES, sample
-from pipeline.sample import PROPORTIONS, SPLITS, class_counts, generate_sample
+from pipeline import CLASSES, SPLITS, sample
+from pipeline.sample import PROPORTIONS, class_counts, generate_sample
 
 TRAIN, VALIDATION = 700, 210
 
@@ -37,7 +37,7 @@ def load_split(root: Path) -> tuple[np.ndarray, np.ndarray]:
 @pytest.fixture(scope="module")
 def drawn(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, dict[str, int]]]:
     out = tmp_path_factory.mktemp("sample") / "raw"
-    return out, generate_sample(out, TRAIN, VALIDATION, seed=7)
+    return out, generate_sample(out, TRAIN, VALIDATION, seed=7, test_images=VALIDATION)
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +65,13 @@ def test_different_seed_gives_different_images(tmp_path: Path) -> None:
     assert all(first[name] != second[name] for name in first)
 
 
-def test_train_and_validation_images_differ(drawn) -> None:
+def test_train_validation_and_test_images_differ(drawn) -> None:
     out, _ = drawn
     train = set(digests(out / "train").values())
     validation = set(digests(out / "validation").values())
+    test = set(digests(out / "test").values())
     assert not train & validation
+    assert not test & (train | validation)
 
 
 # --- layout and counts -------------------------------------------------------
@@ -78,7 +80,7 @@ def test_train_and_validation_images_differ(drawn) -> None:
 def test_layout_matches_the_kaggle_dataset(drawn) -> None:
     out, counts = drawn
     assert sorted(p.name for p in out.iterdir()) == sorted(SPLITS)
-    for split, asked in (("train", TRAIN), ("validation", VALIDATION)):
+    for split, asked in (("train", TRAIN), ("validation", VALIDATION), ("test", VALIDATION)):
         assert sorted(p.name for p in (out / split).iterdir()) == sorted(CLASSES)
         on_disk = {c: len(list((out / split / c).iterdir())) for c in CLASSES}
         assert on_disk == counts[split]
@@ -113,7 +115,7 @@ def test_class_counts_follow_proportions_and_sum_exactly() -> None:
 def test_images_decode_as_48_pixel_grayscale(drawn) -> None:
     out, _ = drawn
     paths = sorted(out.rglob("*.jpg"))
-    assert len(paths) == TRAIN + VALIDATION
+    assert len(paths) == TRAIN + 2 * VALIDATION  # the test split is as large as validation
     for path in paths:
         image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
         assert image.shape == (48, 48)

@@ -170,12 +170,32 @@ LAYOUTS = {
         **dataset(),
         "images/images/train/angry/only_in_duplicate.png": IMAGES[".png"],
     },
-    "train+validation+test": {
+}
+
+
+@pytest.mark.parametrize("source", ["archive", "directory", "kaggle"])
+def test_a_source_with_train_validation_and_test_keeps_its_test_split(
+    source: str, dest: Path, tmp_path: Path, kaggle_env: Path, monkeypatch
+) -> None:
+    monkeypatch.setenv("KAGGLE_USERNAME", "someone")
+    monkeypatch.setenv("KAGGLE_KEY", "secret")
+    files = {
         **dataset(prefix="", validation="test"),
         **dataset(prefix=""),
         "test/angry/only_in_test.png": IMAGES[".png"],
-    },
-}
+    }
+
+    counts = run_source(source, files, dest, tmp_path)
+
+    assert sorted(p.name for p in dest.iterdir()) == ["test", "train", "validation"]
+    assert {k: counts[k] for k in EXPECTED} == EXPECTED
+    assert counts["test"] == {
+        **EXPECTED["validation"],
+        "angry": EXPECTED["validation"]["angry"] + 1,
+    }
+    assert count_images(dest) == counts
+    assert "test/angry/only_in_test.png" in listing(dest)
+    assert leftovers(dest) == ["raw"]
 
 
 @pytest.mark.parametrize("source", ["archive", "directory", "kaggle"])
