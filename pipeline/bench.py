@@ -187,7 +187,7 @@ def bench_arch(
     model_params = params.model.model_copy(update={"arch": arch})
     model = build_model(model_params, (size, size, 1), len(CLASSES))
     model.compile(
-        optimizer=make_optimizer(train),
+        optimizer=make_optimizer(train, steps),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=train.label_smoothing),
         metrics=["accuracy"],
     )

@@ -46,10 +46,23 @@ def _dense_block(x, units: int, dropout: float, index: int):
     return layers.Dropout(dropout, name=f"dense_dropout{index}")(x)
 
 
-def _rescaled_input(input_shape: tuple[int, int, int]):
-    """The model's input and its scaling to [0, 1], so a saved model takes raw pixels."""
+def _rescaled_input(input_shape: tuple[int, int, int], crop: int = 0):
+    """The model's input, its central `crop`×`crop` pixels (0: all of it) and their
+    scaling to [0, 1], so a saved model takes the whole face in raw pixels.
+
+    With a crop, the training's random translations make it a random crop, and the
+    shifted test-time views crops around the centre, as in ten-crop evaluation.
+    """
     inputs = keras.Input(shape=input_shape, name="image")
-    return inputs, layers.Rescaling(1.0 / 255, name="rescale")(inputs)
+    x = inputs
+    if crop:
+        # Cropping2D, not CenterCrop: the preprocessing layer's ONNX export is wrong
+        # (tf2onnx fails to freeze its seed state; probabilities off by 0.15)
+        (height, width), margins = input_shape[:2], []
+        for size in (height, width):
+            margins.append(((size - crop) // 2, size - crop - (size - crop) // 2))
+        x = layers.Cropping2D(tuple(margins), name="center_crop")(x)
+    return inputs, layers.Rescaling(1.0 / 255, name="rescale")(x)
 
 
 def _softmax(x, num_classes: int):
@@ -62,7 +75,7 @@ def build_seed_model(
     input_shape: tuple[int, int, int], num_classes: int, params: ModelParams
 ) -> keras.Model:
     """The seed notebook's CNN: four conv blocks (64·3², 128·5², 512·3², 512·3²), Dense 256, 512."""
-    inputs, x = _rescaled_input(input_shape)
+    inputs, x = _rescaled_input(input_shape, params.crop)
     for index, (filters, kernel) in enumerate([(64, 3), (128, 5), (512, 3), (512, 3)], start=1):
         x = _conv_block(x, filters, kernel, params.dropout, index)
     x = layers.Flatten(name="flatten")(x)
@@ -72,9 +85,9 @@ def build_seed_model(
     return keras.Model(inputs, outputs, name="seed")
 
 
-def _stem(input_shape: tuple[int, int, int]):
-    """Input, rescaling to [0, 1] and a 3×3 convolution with 32 filters, BN and ReLU."""
-    inputs, x = _rescaled_input(input_shape)
+def _stem(input_shape: tuple[int, int, int], crop: int):
+    """Input, crop, rescaling to [0, 1] and a 3×3 convolution with 32 filters, BN and ReLU."""
+    inputs, x = _rescaled_input(input_shape, crop)
     x = layers.Conv2D(32, 3, padding="same", use_bias=False, name="stem_conv")(x)
     x = layers.BatchNormalization(name="stem_bn")(x)
     return inputs, layers.Activation("relu", name="stem_relu")(x)
@@ -91,7 +104,7 @@ def build_vgg_model(
     input_shape: tuple[int, int, int], num_classes: int, params: ModelParams
 ) -> keras.Model:
     """VGG-style: four blocks of two 3×3 convs (32, 64, 128, 256), global average pooling."""
-    inputs, x = _rescaled_input(input_shape)
+    inputs, x = _rescaled_input(input_shape, params.crop)
     for block, filters in enumerate([32, 64, 128, 256], start=1):
         for conv in (1, 2):
             name = f"block{block}_conv{conv}"
@@ -130,7 +143,7 @@ def _residual_net(
     widths: list[int],
 ) -> keras.Model:
     """The stem, one strided residual block per width (each with dropout), GAP, softmax."""
-    inputs, x = _stem(input_shape)
+    inputs, x = _stem(input_shape, params.crop)
     for stage, filters in enumerate(widths, start=1):
         x = _residual_block(x, filters, f"stage{stage}")
         x = layers.Dropout(params.dropout, name=f"stage{stage}_dropout")(x)
@@ -174,7 +187,7 @@ def build_xception_model(
     input_shape: tuple[int, int, int], num_classes: int, params: ModelParams
 ) -> keras.Model:
     """Mini-Xception, widened: a 3×3 stem (32), separable residual modules 64-512, GAP."""
-    inputs, x = _stem(input_shape)
+    inputs, x = _stem(input_shape, params.crop)
     for stage, filters in enumerate([64, 128, 256, 512], start=1):
         x = _separable_module(x, filters, f"module{stage}")
         x = layers.Dropout(params.dropout, name=f"module{stage}_dropout")(x)
@@ -228,6 +241,12 @@ def build_model(
             f"model.arch: {params.arch!r} is not an architecture here; "
             f"allowed: {', '.join(sorted(ARCHITECTURES))}"
         ) from None
+    if params.crop and not 8 <= params.crop <= min(input_shape[:2]):
+        raise ValueError(
+            f"model.crop: {params.crop} does not fit a {input_shape[0]}×{input_shape[1]} "
+            f"input; use 0 (no crop) or 8 to {min(input_shape[:2])} "
+            "(preprocess.picture_size)"
+        )
     return builder(input_shape, num_classes, params)
 
 

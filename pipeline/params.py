@@ -41,12 +41,19 @@ class DataParams(_Group):
     seed: int
     sample_train_images: int = Field(ge=14)
     sample_validation_images: int = Field(ge=14)
+    sample_test_images: int = Field(ge=0)
+    test_fraction: float = Field(ge=0.0, lt=1.0)
     kaggle_dataset: str
     archive: str | None
     directory: str | None
 
     @model_validator(mode="after")
     def _check_source(self) -> DataParams:
+        if 0 < self.sample_test_images < 14:
+            raise ParamsError(
+                f"data.sample_test_images: {self.sample_test_images} is too few; each of the "
+                "7 classes needs 2 images, so ask for 0 (no test split) or at least 14"
+            )
         if self.source == "archive" and not self.archive:
             raise ParamsError(
                 "data.archive: is empty but data.source is 'archive'; "
@@ -88,6 +95,7 @@ class PreprocessParams(_Group):
 class ModelParams(_Group):
     arch: str
     dropout: float = Field(ge=0.0, le=0.9)
+    crop: int = Field(default=0, ge=0)
 
 
 class AugmentationParams(_Group):
@@ -125,13 +133,14 @@ class TrainParams(_Group):
     epochs: int = Field(ge=1)
     batch_size: int = Field(ge=1)
     steps_per_epoch: Literal["floor", "all"]
-    optimizer: Literal["adam", "adamw"]
+    optimizer: Literal["adam", "adamw", "sgd"]
     learning_rate: float = Field(ge=0.0, le=10.0)
     weight_decay: float = Field(ge=0.0, le=1.0)
     lr_schedule: Literal["plateau", "cosine", "onecycle"]
     warmup_epochs: int = Field(ge=0)
     class_weight: Literal["none", "balanced"]
     label_smoothing: float = Field(ge=0.0, le=0.5)
+    ema_momentum: float = Field(ge=0.0, lt=1.0)
     bn_recalibration_batches: int = Field(ge=0)
     precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"]
     augmentation: AugmentationParams

@@ -58,14 +58,34 @@ def learning_rate_at(epoch: int, train: TrainParams) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(train: TrainParams):
+def make_optimizer(train: TrainParams, steps_per_epoch: int):
+    """`train.optimizer`; with `train.ema_momentum`, one that keeps an exponential moving
+    average of the weights and puts it in place of the weights after each epoch's last
+    step, so that BatchNorm recalibration, validation and the checkpoint all see it."""
     import keras
 
+    ema = (
+        {
+            "use_ema": True,
+            "ema_momentum": train.ema_momentum,
+            "ema_overwrite_frequency": steps_per_epoch,
+        }
+        if train.ema_momentum
+        else {}
+    )
     if train.optimizer == "adamw":
         return keras.optimizers.AdamW(
-            learning_rate=train.learning_rate, weight_decay=train.weight_decay
+            learning_rate=train.learning_rate, weight_decay=train.weight_decay, **ema
         )
-    return keras.optimizers.Adam(learning_rate=train.learning_rate)
+    if train.optimizer == "sgd":
+        return keras.optimizers.SGD(
+            learning_rate=train.learning_rate,
+            momentum=0.9,
+            nesterov=True,
+            weight_decay=train.weight_decay or None,
+            **ema,
+        )
+    return keras.optimizers.Adam(learning_rate=train.learning_rate, **ema)
 
 
 def make_callbacks(train: TrainParams, model_path: Path) -> list:
@@ -150,8 +170,9 @@ def run(params: Params, paths: Paths, extra_callbacks: list | None = None) -> Tr
             len(CLASSES),
         )
         model = build_model(params.model, (size, size, 1), len(CLASSES))
+        steps = steps_per_epoch(train_split.count, train.batch_size, train.steps_per_epoch)
         model.compile(
-            optimizer=make_optimizer(train),
+            optimizer=make_optimizer(train, steps),
             loss=keras.losses.CategoricalCrossentropy(label_smoothing=train.label_smoothing),
             metrics=["accuracy"],
         )
@@ -167,7 +188,6 @@ def run(params: Params, paths: Paths, extra_callbacks: list | None = None) -> Tr
             if train.class_weight == "balanced"
             else None
         )
-        steps = steps_per_epoch(train_split.count, train.batch_size, train.steps_per_epoch)
         if train.bn_recalibration_batches:
             fixed_batches = (
                 train_split.images.shuffle(
@@ -236,7 +256,9 @@ def history_frame(history: list[dict[str, float]]):
 def run_tracked(params: Params, paths: Paths) -> TrainResult:
     """`run` inside a new MLflow run that records its params, curves, reports and model."""
     with tracking.training_run(params, paths) as callbacks:
-        return run(params, paths, extra_callbacks=callbacks)
+        result = run(params, paths, extra_callbacks=callbacks)
+        tracking.log_training_speed(result.seconds, result.train_images_per_second)
+        return result
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -143,3 +143,23 @@ def test_listing_names_each_architecture_with_its_size_and_cost(capsys):
     assert "4,478,727 parameters" in seed
     assert "0.581 GFLOPs/image" in seed
     assert "The seed notebook's CNN" in seed
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_a_crop_model_takes_whole_faces_and_sees_their_centre(arch: str) -> None:
+    whole = build(arch)
+    cropped = build_model(ModelParams(arch=arch, dropout=0.25, crop=40), SHAPE, len(CLASSES))
+    assert cropped.input_shape == (None, *SHAPE)
+    assert cropped.get_layer("center_crop").output.shape == (None, 40, 40, 1)
+    assert flops_per_image(cropped) < 0.8 * flops_per_image(whole)  # (40/48)² = 0.69
+    images = faces(2)
+    border = images.copy()
+    border[:, :4] = border[:, -4:] = border[:, :, :4] = border[:, :, -4:] = 0  # outside the crop
+    np.testing.assert_allclose(cropped.predict_on_batch(images), cropped.predict_on_batch(border))
+    assert not np.allclose(whole.predict_on_batch(images), whole.predict_on_batch(border))
+
+
+@pytest.mark.parametrize("crop", [4, 49])
+def test_a_crop_that_does_not_fit_is_refused(crop: int) -> None:
+    with pytest.raises(ValueError, match=rf"model\.crop: {crop} does not fit a 48×48 input"):
+        build_model(ModelParams(arch="resnet", dropout=0.25, crop=crop), SHAPE, len(CLASSES))

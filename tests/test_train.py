@@ -151,7 +151,7 @@ def test_cosine_and_onecycle_set_each_epochs_rate_instead_of_plateau(
     ]
     scheduler = callbacks[-1]
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
-    model.compile(optimizer=train.make_optimizer(params), loss="mse")
+    model.compile(optimizer=train.make_optimizer(params, 10), loss="mse")
     scheduler.set_model(model)
     rates = []
     for epoch in range(params.epochs):
@@ -194,6 +194,39 @@ def test_onecycle_rises_to_the_rate_then_falls(warmup: int, peak: int) -> None:
     assert all(a < b for a, b in itertools.pairwise(rates[: peak + 1]))
     assert all(a > b for a, b in itertools.pairwise(rates[peak:]))
     assert rates[-1] < 0.1 * 0.01
+
+
+def test_sgd_is_nesterov_momentum_with_the_weight_decay() -> None:
+    optimizer = train.make_optimizer(train_params(optimizer="sgd", weight_decay=5e-4), 10)
+    assert isinstance(optimizer, keras.optimizers.SGD)
+    assert (optimizer.momentum, optimizer.nesterov, optimizer.weight_decay) == (0.9, True, 5e-4)
+    assert not optimizer.use_ema
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_ema_puts_the_averaged_weights_in_place_after_each_epoch(name: str) -> None:
+    params = train_params(optimizer=name, ema_momentum=0.9, learning_rate=0.1)
+    optimizer = train.make_optimizer(params, steps_per_epoch=3)
+    assert (optimizer.use_ema, optimizer.ema_momentum) == (True, 0.9)
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer=optimizer, loss="mse")
+    x, y = np.ones((6, 2), np.float32), np.full((6, 1), 3.0, np.float32)
+    seen = []
+
+    class Watch(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            weights = keras.ops.convert_to_numpy(model.layers[0].kernel).copy()
+            average = keras.ops.convert_to_numpy(optimizer._model_variables_moving_average[0])
+            seen.append((batch, weights, average.copy()))
+
+    model.fit(x, y, batch_size=2, epochs=2, shuffle=False, verbose=0, callbacks=[Watch()])
+
+    assert [batch for batch, _, _ in seen] == [0, 1, 2, 0, 1, 2]
+    for step, (batch, weights, average) in enumerate(seen):
+        if batch == 2:  # an epoch's last step: the weights are the average
+            np.testing.assert_array_equal(weights, average)
+        elif step:  # (the first step starts the average at the weights)
+            assert not np.allclose(weights, average)
 
 
 def test_balanced_class_weight_is_n_over_k_times_count() -> None:
