@@ -12,14 +12,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from pipeline import CLASSES, tracking
 from pipeline.atomic import write_json_atomic, write_text_atomic
+from pipeline.calibration import apply_temperature, expected_calibration_error, reliability
 from pipeline.cli import run_stage
-from pipeline.figures import plot_confusion, plot_message
+from pipeline.figures import plot_confusion, plot_message, plot_reliability
 from pipeline.inference import load_model, predict_probabilities
 from pipeline.metrics import best_epoch, compute_metrics, confusion_rows
+from pipeline.modelmeta import read_model_info
 from pipeline.params import Params
 from pipeline.paths import Paths
 from pipeline.runtime import make_deterministic
@@ -36,17 +36,26 @@ def train_scores(history_csv: Path, monitor: str) -> dict[str, float]:
     return {"epoch": epoch, "loss": float(row["loss"]), "accuracy": float(row["accuracy"])}
 
 
-def score_split(model, folder: Path, params: Params) -> tuple[dict, np.ndarray, str, str, str]:
-    """Metrics, confusion matrix, text and CSV reports and confusion rows of one split."""
+def score_split(model, folder: Path, params: Params, temperature: float):
+    """Metrics (with the calibration errors), confusion matrix, text and CSV reports,
+    confusion rows and reliability bins of one split, as the model's temperature gives."""
     from pipeline.dataset import load_split  # TensorFlow: once the params are known good
 
     split = load_split(folder, params.preprocess.picture_size)
-    probabilities = predict_probabilities(
+    raw = predict_probabilities(
         model, split.array(), params.evaluate.batch_size, params.evaluate.tta
     )
+    probabilities = apply_temperature(raw, temperature)
     metrics, matrix, text, frame = compute_metrics(split.labels, probabilities)
+    metrics = {
+        **{k: v for k, v in metrics.items() if k != "per_class"},
+        "ece": expected_calibration_error(split.labels, probabilities),
+        "ece_uncalibrated": expected_calibration_error(split.labels, raw),
+        "per_class": metrics["per_class"],
+    }
     rows = confusion_rows(split.labels, probabilities.argmax(1))
-    return metrics, matrix, text, frame.to_csv(float_format="%.6g"), rows
+    bins = reliability(split.labels, probabilities)
+    return metrics, matrix, text, frame.to_csv(float_format="%.6g"), rows, bins
 
 
 def run(params: Params, paths: Paths) -> dict:
@@ -57,13 +66,20 @@ def run(params: Params, paths: Paths) -> dict:
     """
     make_deterministic(params.train.seed)
     model = load_model(paths.model)
-    scores, matrix, text, csv, rows = score_split(model, paths.processed / "validation", params)
+    temperature = read_model_info(paths.model).temperature
+    scores, matrix, text, csv, rows, bins = score_split(
+        model, paths.processed / "validation", params, temperature
+    )
+    reliabilities = {"validation": bins}
     best = train_scores(paths.history, params.train.checkpoint.monitor)
     metrics = {
         "accuracy": scores["accuracy"],
         "loss": scores["loss"],
         "f1_macro": scores["f1_macro"],
         "f1_weighted": scores["f1_weighted"],
+        "ece": scores["ece"],
+        "ece_uncalibrated": scores["ece_uncalibrated"],
+        "temperature": temperature,
         "train_loss": best["loss"],
         "train_accuracy": best["accuracy"],
         "best_epoch": best["epoch"],
@@ -72,7 +88,9 @@ def run(params: Params, paths: Paths) -> dict:
     report = f"Validation ({len(rows.splitlines()) - 1} images)\n\n{text}"
     test_folder = paths.processed / "test"
     if test_folder.is_dir():
-        test, test_matrix, test_text, test_csv, test_rows = score_split(model, test_folder, params)
+        test, test_matrix, test_text, test_csv, test_rows, reliabilities["test"] = score_split(
+            model, test_folder, params, temperature
+        )
         metrics["test"] = test
         report += f"\n\nTest ({len(test_rows.splitlines()) - 1} images)\n\n{test_text}"
         plot_confusion(test_matrix, CLASSES, paths.confusion_test_figure, split="test")
@@ -89,13 +107,16 @@ def run(params: Params, paths: Paths) -> dict:
     write_text_atomic(paths.confusion_csv, rows)
     write_text_atomic(paths.confusion_test_csv, test_rows)
     plot_confusion(matrix, CLASSES, paths.confusion_figure)
+    plot_reliability(reliabilities, temperature, paths.reliability_figure)
     print(f"Training Loss : {best['loss']:.2f}")
     print(f"Training Accuracy : {best['accuracy']:.2f}")
     print(f"Validation Loss : {metrics['loss']:.2f}")
     print(f"Validation Accuracy : {metrics['accuracy']:.2f}")
+    print(f"Validation ECE : {metrics['ece']:.3f}")
     if "test" in metrics:
         print(f"Test Loss : {metrics['test']['loss']:.2f}")
         print(f"Test Accuracy : {metrics['test']['accuracy']:.2f}")
+        print(f"Test ECE : {metrics['test']['ece']:.3f}")
     print(report)
     return metrics
 

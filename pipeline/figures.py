@@ -100,6 +100,28 @@ def plot_confusion(
     _save(fig, out)
 
 
+def plot_reliability(bins: dict[str, list[dict]], temperature: float, out: Path) -> None:
+    """Reliability diagram: accuracy against confidence per bin, one line per split."""
+    fig, ax = plt.subplots(figsize=(6, 6))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="calibrated")
+    for split, rows in bins.items():
+        used = [r for r in rows if r["count"]]
+        ax.plot(
+            [r["confidence"] for r in used],
+            [r["accuracy"] for r in used],
+            marker="o",
+            label=f"{split} ({sum(r['count'] for r in used)} images)",
+        )
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("Confidence (probability of the predicted label)")
+    ax.set_ylabel("Accuracy")
+    note = "" if temperature == 1.0 else f", temperature {temperature:g}"
+    ax.set_title(f"Reliability{note}")
+    ax.legend(loc="upper left")
+    _save(fig, out)
+
+
 def plot_message(text: str, out: Path) -> None:
     """A small figure that only says `text` (a declared figure with nothing to draw)."""
     fig, ax = plt.subplots(figsize=(6, 1.2))

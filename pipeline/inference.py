@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.calibration import apply_temperature
+
 TTA_SHIFT = 2  # pixels: about 4% of a 48-pixel face, inside the training's translations
 # (rows, columns) each view is shifted by: none, up, down, left, right; each also mirrored
 TTA_OFFSETS = ((0, 0), (-TTA_SHIFT, 0), (TTA_SHIFT, 0), (0, -TTA_SHIFT), (0, TTA_SHIFT))
@@ -88,9 +90,12 @@ def tta_views(images) -> list[np.ndarray]:
     return views
 
 
-def predict_probabilities(model, images, batch_size: int, tta: bool = False) -> np.ndarray:
+def predict_probabilities(
+    model, images, batch_size: int, tta: bool = False, temperature: float = 1.0
+) -> np.ndarray:
     """Class probabilities for a float [n, h, w, 1] batch in [0, 255], one row per image,
-    `batch_size` at a time; with `tta`, the mean over each batch's `tta_views`."""
+    `batch_size` at a time; with `tta`, the mean over each batch's `tta_views`; with a
+    `temperature` other than 1, scaled by it (`calibration.apply_temperature`)."""
     parts = []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
@@ -98,4 +103,7 @@ def predict_probabilities(model, images, batch_size: int, tta: bool = False) -> 
         parts.append(np.mean([np.asarray(model.predict_on_batch(view)) for view in views], axis=0))
     if not parts:
         return np.zeros((0, model.output_shape[-1]), np.float32)
-    return np.concatenate(parts)
+    probabilities = np.concatenate(parts)
+    if temperature != 1.0:
+        return apply_temperature(probabilities, temperature).astype(probabilities.dtype)
+    return probabilities

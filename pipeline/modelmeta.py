@@ -24,10 +24,11 @@ class ModelInfo:
     preprocess: PreprocessParams
     arch: str
     pipeline_version: str
+    temperature: float = 1.0  # divides the logits (pipeline.calibration); 1: as trained
 
 
-def info_for(preprocess: PreprocessParams, arch: str) -> ModelInfo:
-    return ModelInfo(CLASSES, preprocess, arch, __version__)
+def info_for(preprocess: PreprocessParams, arch: str, temperature: float = 1.0) -> ModelInfo:
+    return ModelInfo(CLASSES, preprocess, arch, __version__, temperature)
 
 
 def encode_info(info: ModelInfo) -> str:
@@ -36,6 +37,7 @@ def encode_info(info: ModelInfo) -> str:
         "preprocess": info.preprocess.model_dump(),
         "arch": info.arch,
         "pipeline_version": info.pipeline_version,
+        "temperature": info.temperature,
     }
     return json.dumps(payload)
 
@@ -54,6 +56,7 @@ def decode_info(raw: str | None, path: Path) -> ModelInfo:
         preprocess=PreprocessParams(**payload["preprocess"]),
         arch=payload["arch"],
         pipeline_version=payload["pipeline_version"],
+        temperature=float(payload.get("temperature", 1.0)),  # older stamps have none
     )
 
 

@@ -115,5 +115,9 @@ class Paths:
         return self.reports / "confusion_matrix_test.csv"
 
     @property
+    def reliability_figure(self) -> Path:
+        return self.figures / "reliability.png"
+
+    @property
     def confusion_test_figure(self) -> Path:
         return self.figures / "confusion_matrix_test.png"

@@ -158,11 +158,13 @@ class Predictor:
 
     def probabilities(self, crops: Sequence[np.ndarray], tta: bool = False) -> np.ndarray:
         """Class probabilities, one row per crop; averaged over `inference.tta_views` with
-        `tta`."""
+        `tta`; scaled by the model's calibrated temperature, when it has one."""
         if len(crops) == 0:
             return np.zeros((0, len(self.classes)), np.float32)
         batch = np.stack(crops).astype(np.float32)[..., np.newaxis]
-        return predict_probabilities(self.model, batch, self.batch_size, tta)
+        return predict_probabilities(
+            self.model, batch, self.batch_size, tta, temperature=self.info.temperature
+        )
 
     def classify(self, results: Sequence[Result], tta: bool = False) -> None:
         """Fill in the probabilities of every face of `results`, in one batched pass."""

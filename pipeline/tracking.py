@@ -69,7 +69,7 @@ LOCK_FILE = "mlflow.db.lock"
 LOCK_TIMEOUT_SECONDS = 300  # a schema upgrade of a large store takes a while
 ARTIFACTS_DIR = "mlartifacts"
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
-EVAL_METRICS = ("accuracy", "loss", "f1_macro", "f1_weighted")
+EVAL_METRICS = ("accuracy", "loss", "f1_macro", "f1_weighted", "ece", "ece_uncalibrated")
 KERAS_MODEL_NAME = "keras_model"
 PYFUNC_MODEL_NAME = "emotion_model"
 ONNX_MODEL_NAME = "onnx_model"
@@ -446,9 +446,16 @@ def log_training_outputs(params: Params, paths: Paths) -> None:
         log_models(params, paths)
 
 
-def log_training_speed(seconds: float, images_per_second: float) -> None:
-    """How long `model.fit` took (`train_seconds`) and its `train_images_per_second`."""
-    mlflow.log_metrics({"train_seconds": seconds, "train_images_per_second": images_per_second})
+def log_training_summary(seconds: float, images_per_second: float, temperature: float) -> None:
+    """How long `model.fit` took (`train_seconds`), its `train_images_per_second`, and the
+    `temperature` stored with the model (1 without `train.temperature_scaling`)."""
+    mlflow.log_metrics(
+        {
+            "train_seconds": seconds,
+            "train_images_per_second": images_per_second,
+            "temperature": temperature,
+        }
+    )
 
 
 def log_history(history_csv: Path) -> None:
@@ -477,7 +484,8 @@ def evaluation_metrics(metrics: dict) -> dict[str, float]:
 
 def log_evaluation(metrics: dict, paths: Paths) -> None:
     mlflow.log_metrics(evaluation_metrics(metrics))
-    for path in (paths.classification_report, paths.confusion_figure, paths.confusion_test_figure):
+    figures = (paths.confusion_figure, paths.confusion_test_figure, paths.reliability_figure)
+    for path in (paths.classification_report, *figures):
         if path.exists():
             _log_file(path, paths.root)
 

@@ -41,6 +41,7 @@ class TrainResult:
     best_epoch: int
     seconds: float
     train_images_per_second: float
+    temperature: float
 
 
 def learning_rate_at(epoch: int, train: TrainParams) -> float:
@@ -124,6 +125,26 @@ def make_callbacks(train: TrainParams, model_path: Path) -> list:
             keras.callbacks.LearningRateScheduler(lambda epoch: learning_rate_at(epoch, train))
         )
     return callbacks
+
+
+def fitted_temperature(model_path: Path, split, batch_size: int) -> float:
+    """The temperature that calibrates the saved checkpoint on `split` (validation)."""
+    from pipeline.calibration import apply_temperature, fit_temperature
+    from pipeline.inference import load_model, predict_probabilities
+    from pipeline.metrics import compute_metrics
+
+    probabilities = predict_probabilities(load_model(model_path), split.array(), batch_size)
+    temperature = fit_temperature(split.labels, probabilities)
+    before = compute_metrics(split.labels, probabilities)[0]["loss"]
+    after = compute_metrics(split.labels, apply_temperature(probabilities, temperature))[0]
+    log.info(
+        "temperature %.4g fitted on %d validation images: log-loss %.4f -> %.4f",
+        temperature,
+        split.count,
+        before,
+        after["loss"],
+    )
+    return temperature
 
 
 def balanced_class_weight(labels, num_classes: int) -> dict[int, float]:
@@ -211,7 +232,10 @@ def run(params: Params, paths: Paths, extra_callbacks: list | None = None) -> Tr
             verbose=1 if is_terminal() else 2,
         )
         seconds = time.perf_counter() - started
-        write_model_info(paths.model, info_for(params.preprocess, params.model.arch))
+        temperature = 1.0
+        if train.temperature_scaling:
+            temperature = fitted_temperature(paths.model, val_split, train.batch_size)
+        write_model_info(paths.model, info_for(params.preprocess, params.model.arch, temperature))
         epochs_run = len(fit.history["loss"])
         history = [
             {
@@ -230,6 +254,7 @@ def run(params: Params, paths: Paths, extra_callbacks: list | None = None) -> Tr
             best_epoch=best_epoch(history, train.checkpoint.monitor),
             seconds=seconds,
             train_images_per_second=epochs_run * steps * train.batch_size / seconds,
+            temperature=temperature,
         )
         log.info(
             "trained %d epochs in %.0f s (%.0f images/s); best %s %.4f at epoch %d, saved to %s",
@@ -257,7 +282,9 @@ def run_tracked(params: Params, paths: Paths) -> TrainResult:
     """`run` inside a new MLflow run that records its params, curves, reports and model."""
     with tracking.training_run(params, paths) as callbacks:
         result = run(params, paths, extra_callbacks=callbacks)
-        tracking.log_training_speed(result.seconds, result.train_images_per_second)
+        tracking.log_training_summary(
+            result.seconds, result.train_images_per_second, result.temperature
+        )
         return result
 
 

@@ -18,6 +18,7 @@ from conftest import tiny_params
 from PIL import Image
 
 from pipeline import CLASSES, evaluate
+from pipeline.calibration import apply_temperature, expected_calibration_error
 from pipeline.inference import load_model
 from pipeline.metrics import compute_metrics, confusion_rows
 from pipeline.modelmeta import info_for, read_model_info, write_model_info
@@ -53,8 +54,11 @@ METRIC_KEYS = {
     "best_epoch",
     "per_class",
     "test",
+    "ece",
+    "ece_uncalibrated",
+    "temperature",
 }
-SCORE_KEYS = {"accuracy", "loss", "f1_macro", "f1_weighted", "per_class"}
+SCORE_KEYS = {"accuracy", "loss", "f1_macro", "f1_weighted", "ece", "ece_uncalibrated", "per_class"}
 
 
 pytestmark = pytest.mark.usefixtures("float32_policy")
@@ -120,7 +124,7 @@ KERNEL = RNG.normal(0.0, 0.05, (48 * 48, len(CLASSES)))
 BIAS = RNG.normal(0.0, 0.5, len(CLASSES))
 
 
-def save_known_model(paths: Paths, params) -> None:
+def save_known_model(paths: Paths, params, temperature: float = 1.0) -> None:
     """Softmax of one dense layer over the scaled pixels, with the weights above."""
     inputs = keras.Input((48, 48, 1))
     x = keras.layers.Rescaling(1 / 255)(inputs)
@@ -130,7 +134,7 @@ def save_known_model(paths: Paths, params) -> None:
     model.layers[-1].set_weights([KERNEL.astype("float32"), BIAS.astype("float32")])
     paths.models.mkdir(parents=True, exist_ok=True)
     model.save(paths.model)
-    write_model_info(paths.model, info_for(params.preprocess, "known"))
+    write_model_info(paths.model, info_for(params.preprocess, "known", temperature))
 
 
 def known_probabilities(images: np.ndarray) -> np.ndarray:
@@ -185,6 +189,7 @@ def check_scores(scores: dict, expected: np.ndarray, labels: np.ndarray) -> None
     assert [v["support"] for v in scores["per_class"].values()] == np.bincount(
         labels, minlength=len(CLASSES)
     ).tolist()
+    assert scores["ece"] == pytest.approx(expected_calibration_error(labels, expected), abs=1e-6)
 
 
 def check_split_files(
@@ -246,6 +251,7 @@ def check_outputs(paths: Paths, metrics: dict, expect) -> None:
     assert f"{metrics['test']['accuracy']:.4f}" in test_text
     check_figure(paths.confusion_figure)
     check_figure(paths.confusion_test_figure)
+    check_figure(paths.reliability_figure)
 
 
 @pytest.mark.parametrize(
@@ -371,3 +377,24 @@ def test_without_a_test_split_the_test_outputs_say_so(tiny_project: Paths, capsy
     assert "Test: none" in paths.classification_report.read_text()
     assert paths.confusion_test_figure.stat().st_size > 0
     assert "Test Accuracy" not in capsys.readouterr().out
+
+
+def test_the_models_temperature_scales_every_score_but_the_labels(tiny_project: Paths) -> None:
+    paths = tiny_project
+    params = tiny_params(**{"evaluate.batch_size": 16})
+    save_known_model(paths, params, temperature=0.5)
+    paths.history.write_text(HISTORY)
+
+    metrics = evaluate.run(params, paths)
+
+    def expect(images: np.ndarray) -> np.ndarray:
+        return apply_temperature(known_probabilities(images), 0.5)
+
+    check_outputs(paths, metrics, expect)
+    assert metrics["temperature"] == 0.5
+    images, labels = split_set(paths, "validation")
+    raw = known_probabilities(images)
+    assert metrics["ece_uncalibrated"] == pytest.approx(
+        expected_calibration_error(labels, raw), abs=1e-6
+    )
+    assert metrics["ece"] != pytest.approx(metrics["ece_uncalibrated"])

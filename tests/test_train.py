@@ -540,6 +540,7 @@ def test_training_writes_the_model_and_its_reports(trained) -> None:
     assert info.preprocess == params.preprocess
     assert info.arch == "seed"
     assert info.pipeline_version == pipeline.__version__
+    assert info.temperature == result.temperature == 1.0  # train.temperature_scaling: false
     # computed in the precision `auto` chose, with float32 probabilities out
     policy = runtime.resolve_precision(params.train.precision)
     assert model.get_layer("conv1").dtype_policy.name == policy
@@ -661,3 +662,23 @@ def test_a_runtime_started_before_is_reported_not_silently_kept() -> None:
     out, err = _python(_THREADS.format(before="tf.constant(1.0) + 1"))
     assert out.split() != ["1", "1"]  # too late to change: the warning says so
     assert "may differ in the last digits" in err
+
+
+@pytest.mark.slow
+def test_temperature_scaling_stores_the_validation_fitted_temperature_in_the_model(
+    tmp_path: Path, tiny_data: Paths
+) -> None:
+    from pipeline.calibration import apply_temperature, fit_temperature
+    from pipeline.inference import load_model, predict_probabilities
+    from pipeline.predictor import load_predictor
+
+    _, paths, result = train_into(tmp_path, tiny_data, **{"train.temperature_scaling": True})
+
+    split = load_split(paths.processed / "validation", 48)
+    raw = predict_probabilities(load_model(paths.model), split.array(), 16)
+    assert result.temperature == fit_temperature(split.labels, raw) != 1.0
+    assert read_model_info(paths.model).temperature == result.temperature
+    # every prediction applies it: the predictor gives the scaled probabilities
+    crops = [image[..., 0] for image in split.array()[:5]]
+    served = load_predictor(str(paths.model)).probabilities(crops)
+    np.testing.assert_allclose(served, apply_temperature(raw[:5], result.temperature), atol=1e-5)
