@@ -370,7 +370,9 @@ def test_an_unreachable_tracking_server_fails_fast_before_training(tiny_project:
     seconds = time.monotonic() - started
 
     assert done.returncode == 1, done.stderr
-    assert seconds < 30, f"took {seconds:.0f} s to notice"
+    # MLflow's own retries would take over four minutes (7 retries, backoff factor 2);
+    # the bound is loose because TensorFlow's import alone takes 10-30 s on a busy machine
+    assert seconds < 120, f"took {seconds:.0f} s to notice"
     for words in (uri, "not reachable", "mlflow server", "unset MLFLOW_TRACKING_URI"):
         assert words in done.stderr
     assert "Found" not in done.stderr  # the data was never loaded
