@@ -1,6 +1,9 @@
-"""Face detection and eye-levelling alignment with OpenCV's Haar cascades.
+"""Faces in a picture and the eye-levelling crop that training and serving share.
 
 Everything runs on a 2-D uint8 grayscale array; the caller decodes files.
+`Face` is what every detector returns (`pipeline.detectors` chooses one: YuNet,
+MTCNN or the Haar cascades defined here), and `align_face` is the one function
+that cuts a face out for the model, in the preprocess stage and in the predictor.
 
 Angles follow `cv2.getRotationMatrix2D`: degrees, counter-clockwise positive as
 seen on screen (y pointing down). A face reports `angle=+20` when it looks like
@@ -47,12 +50,18 @@ class Face:
     bounding box of the tilted square. `left_eye` is the eye on the image's
     left. `angle` is the face's tilt (module docstring): from the eyes when
     both were found, else the rotation of the copy it was found on (0 upright).
+    `landmarks`, from the detectors that give them (YuNet, MTCNN), are five
+    points: the eye on the image's left, the other eye, the nose tip, the mouth
+    corner on the image's left, the other corner. `score` is the detector's own
+    confidence, comparable only between faces of one detector.
     """
 
     box: tuple[int, int, int, int]
     left_eye: tuple[float, float] | None
     right_eye: tuple[float, float] | None
     angle: float
+    landmarks: tuple[tuple[float, float], ...] | None = None
+    score: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -64,7 +73,7 @@ class _Candidate:
     weight: float
 
 
-def _check_gray(gray: np.ndarray) -> np.ndarray:
+def check_gray(gray: np.ndarray) -> np.ndarray:
     gray = np.asarray(gray)
     if gray.ndim != 2:
         raise ValueError(
@@ -76,6 +85,44 @@ def _check_gray(gray: np.ndarray) -> np.ndarray:
     if gray.dtype != np.uint8:
         raise ValueError(f"expected a uint8 image, got dtype {gray.dtype}")
     return np.ascontiguousarray(gray)
+
+
+def eye_angle(left_eye: tuple[float, float], right_eye: tuple[float, float]) -> float:
+    """The tilt of the line from the image-left eye to the other one (module docstring)."""
+    return math.degrees(math.atan2(left_eye[1] - right_eye[1], right_eye[0] - left_eye[0]))
+
+
+def square_box(
+    cx: float, cy: float, side: float, shape: tuple[int, ...]
+) -> tuple[int, int, int, int]:
+    """The square of `side` centred on (cx, cy), clipped to an image of `shape`."""
+    height, width = shape[:2]
+    x0, y0 = max(0, round(cx - side / 2)), max(0, round(cy - side / 2))
+    x1, y1 = min(width, round(cx + side / 2)), min(height, round(cy + side / 2))
+    return (x0, y0, max(1, x1 - x0), max(1, y1 - y0))
+
+
+def landmark_face(
+    centre: tuple[float, float],
+    side: float,
+    landmarks: Sequence[tuple[float, float]],
+    score: float,
+    shape: tuple[int, ...],
+) -> Face:
+    """A face from a detector that gives five landmarks (order as `Face.landmarks`): its
+    square box around `centre`, its tilt from the eyes."""
+    points = tuple((float(x), float(y)) for x, y in landmarks)
+    if len(points) != 5:
+        raise ValueError(f"expected 5 landmarks, got {len(points)}")
+    left, right = points[0], points[1]
+    return Face(
+        box=square_box(centre[0], centre[1], side, shape),
+        left_eye=left,
+        right_eye=right,
+        angle=eye_angle(left, right),
+        landmarks=points,
+        score=float(score),
+    )
 
 
 def find_cascade_dir(cascade_dir: Path | None = None) -> Path:
@@ -116,12 +163,12 @@ def _rotation_about(centre: tuple[float, float], angle: float, scale: float = 1.
     return cv2.getRotationMatrix2D((float(centre[0]), float(centre[1])), float(angle), scale)
 
 
-def _map_point(matrix: np.ndarray, x: float, y: float) -> tuple[float, float]:
+def map_point(matrix: np.ndarray, x: float, y: float) -> tuple[float, float]:
     px, py = matrix @ np.array([x, y, 1.0])
     return float(px), float(py)
 
 
-def _rotated_copy(image: np.ndarray, angle: float) -> tuple[np.ndarray, np.ndarray]:
+def rotated_copy(image: np.ndarray, angle: float) -> tuple[np.ndarray, np.ndarray]:
     """`image` turned by `angle` on a canvas large enough to keep every corner,
     and the matrix mapping the copy's pixels back to `image`'s."""
     h, w = image.shape
@@ -190,6 +237,8 @@ class FaceDetector:
     Cheap to pickle: only the settings travel, the cascades are reloaded.
     """
 
+    name = "haar"
+
     def __init__(
         self,
         min_size_fraction: float = 0.1,
@@ -230,7 +279,7 @@ class FaceDetector:
 
     def detect(self, gray: np.ndarray) -> list[Face]:
         """Faces in `gray`, largest first; an empty list when there is none."""
-        gray = _check_gray(gray)
+        gray = check_gray(gray)
         scale = min(1.0, self.max_side / max(gray.shape))
         small = gray
         if scale < 1.0:
@@ -252,7 +301,7 @@ class FaceDetector:
     def _search(self, small: np.ndarray, tilt: float, min_face: int) -> list[_Candidate]:
         """Upright faces in `small` turned by `-tilt`, i.e. faces tilted by `tilt`."""
         if tilt:
-            image, back = _rotated_copy(small, -tilt)
+            image, back = rotated_copy(small, -tilt)
         else:
             image, back = small, np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
         boxes, _, weights = self._faces.detectMultiScale3(
@@ -264,32 +313,30 @@ class FaceDetector:
         )
         candidates = []
         for (x, y, w, h), weight in zip(boxes, np.ravel(weights), strict=True):
-            cx, cy = _map_point(back, x + w / 2, y + h / 2)
+            cx, cy = map_point(back, x + w / 2, y + h / 2)
             candidates.append(_Candidate(cx, cy, float(max(w, h)), tilt, float(weight)))
         return candidates
 
     def _describe(self, gray: np.ndarray, cand: _Candidate, scale: float) -> Face:
         cx, cy, size = cand.cx / scale, cand.cy / scale, cand.size / scale
-        eyes = self._find_eyes(gray, cx, cy, size, cand.tilt)
+        eyes = self.find_eyes(gray, cx, cy, size, cand.tilt)
         angle = cand.tilt
         if eyes is not None:
             (lx, ly), (rx, ry) = eyes
-            eye_angle = math.degrees(math.atan2(ly - ry, rx - lx))
-            if abs(eye_angle) <= _MAX_EYE_ANGLE:
-                angle = eye_angle
+            tilt = eye_angle((lx, ly), (rx, ry))
+            if abs(tilt) <= _MAX_EYE_ANGLE:
+                angle = tilt
             else:
                 eyes = None
-        height, width = gray.shape
-        x0, y0 = max(0, round(cx - size / 2)), max(0, round(cy - size / 2))
-        x1, y1 = min(width, round(cx + size / 2)), min(height, round(cy + size / 2))
         return Face(
-            box=(x0, y0, max(1, x1 - x0), max(1, y1 - y0)),
+            box=square_box(cx, cy, size, gray.shape),
             left_eye=eyes[0] if eyes else None,
             right_eye=eyes[1] if eyes else None,
             angle=float(angle),
+            score=cand.weight,
         )
 
-    def _find_eyes(
+    def find_eyes(
         self, gray: np.ndarray, cx: float, cy: float, size: float, tilt: float
     ) -> tuple[tuple[float, float], tuple[float, float]] | None:
         """Both eye centres in `gray`'s pixels, left one first, or None.
@@ -318,7 +365,7 @@ class FaceDetector:
         if pair is None:
             return None
         back = cv2.invertAffineTransform(to_patch)
-        first, second = (_map_point(back, *p) for p in pair)
+        first, second = (map_point(back, *p) for p in pair)
         return (first, second) if first[0] <= second[0] else (second, first)
 
 
@@ -329,14 +376,16 @@ def default_detector() -> FaceDetector:
 
 
 def align_face(gray: np.ndarray, face: Face, margin: float) -> np.ndarray:
-    """Level the eyes and crop a square around the face.
+    """Level the eyes and crop a square around the face, whichever detector found it.
 
-    The image is turned by `-face.angle` about the box centre (turning about the
-    eyes' midpoint and re-centring on the face gives the same crop) and a square
-    of side `(1 + 2 * margin)` times the face size is cut around it, edges
-    replicated where it leaves the image. Returns the uint8 crop, not resized.
+    One similarity transform: the image is turned by `-face.angle` (the tilt of
+    the eyes, from the landmarks or the eye cascade) about the box centre
+    (turning about the eyes' midpoint and re-centring on the face gives the same
+    crop) and a square of side `(1 + 2 * margin)` times the face size is cut
+    around it, edges replicated where it leaves the image. Returns the uint8
+    crop, not resized. The preprocess stage and the predictor both crop with it.
     """
-    gray = _check_gray(gray)
+    gray = check_gray(gray)
     if margin < 0:
         raise ValueError(f"margin: {margin} must not be negative")
     x, y, w, h = face.box

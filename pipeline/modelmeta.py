@@ -16,6 +16,8 @@ from pipeline import CLASSES, __version__
 from pipeline.params import PreprocessParams
 
 ATTRIBUTE = "fer_pipeline"
+# What a model stamped before `preprocess.face_detector` existed was prepared with
+_BEFORE_DETECTOR_CHOICE = {"face_detector": "haar", "face_tilt_search": False}
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,7 @@ def decode_info(raw: str | None, path: Path) -> ModelInfo:
     payload = json.loads(raw)
     return ModelInfo(
         classes=tuple(payload["classes"]),
-        preprocess=PreprocessParams(**payload["preprocess"]),
+        preprocess=PreprocessParams(**{**_BEFORE_DETECTOR_CHOICE, **payload["preprocess"]}),
         arch=payload["arch"],
         pipeline_version=payload["pipeline_version"],
         temperature=float(payload.get("temperature", 1.0)),  # older stamps have none

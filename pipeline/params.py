@@ -75,6 +75,8 @@ class PreprocessParams(_Group):
     picture_size: int = Field(ge=8, le=512)
     face_detection: bool
     face_margin: float = Field(ge=0.0, le=1.0)
+    face_detector: Literal["auto", "yunet", "mtcnn", "haar"]
+    face_tilt_search: bool
     equalization: Literal["none", "global", "clahe"]
     clahe_clip_limit: float = Field(ge=0.1, le=100.0)
     denoise: Literal["none", "gaussian", "median"]

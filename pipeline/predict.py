@@ -32,6 +32,7 @@ import cv2
 import numpy as np
 
 from pipeline.atomic import write_bytes_atomic, write_text_atomic
+from pipeline.detectors import CHOICES, DetectorUnavailable, describe
 from pipeline.imageops import IMAGE_SUFFIXES, ImageError, read_image
 from pipeline.inference import ONNX_SUFFIX
 from pipeline.logs import VERBOSE_VARIABLE, import_tensorflow, setup_logging
@@ -389,6 +390,18 @@ def make_parser() -> argparse.ArgumentParser:
         help="each picture is already a cropped face (as in the FER datasets): no detection",
     )
     parser.add_argument(
+        "--detector",
+        choices=CHOICES,
+        help="face detector: yunet, mtcnn (imports TensorFlow), haar, or auto (yunet where it "
+        "imports, else haar) (default: the one the model was trained with)",
+    )
+    parser.add_argument(
+        "--tilt-search",
+        action=argparse.BooleanOptionalAction,
+        help="also search copies of each picture turned ±40°, for tilted faces "
+        "(default: as the model was trained)",
+    )
+    parser.add_argument(
         "--tta", action="store_true", help="average predictions over flips and shifted crops"
     )
     parser.add_argument(
@@ -425,9 +438,16 @@ def main(argv: list[str] | None = None) -> int:
     except ModelError as exc:
         log.error("%s", exc)
         return 2
+    detect = not args.no_detect
+    if detect:
+        try:
+            detector = predictor.use_detector(args.detector, args.tilt_search)
+        except DetectorUnavailable as exc:
+            log.error("--detector: %s", exc)
+            return 2
+        log.info("face detector: %s", describe(detector))
     annotator = Annotator(args.annotate) if args.annotate else None
     report = Report(predictor.classes, args.out, annotator, summary=sys.stderr.isatty())
-    detect = not args.no_detect
     if args.camera is not None:
         opened = run_camera(predictor, args.camera, args.every, report, detect, args.tta)
         report.close()

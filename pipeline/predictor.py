@@ -1,9 +1,10 @@
 """A trained model with the face preparation it was trained with: faces in, emotions out.
 
-`Predictor` finds and levels faces (`faces.FaceDetector`, `faces.align_face`), turns
-them into model input with `imageops.to_model_input` and the preprocessing params
-stored inside the model file (`modelmeta.read_model_info`), so a face is prepared
-exactly as the faces the model was trained on, and classifies them in batches.
+`Predictor` finds and levels faces (with the detector the model's params name,
+`detectors.detector_for`, and `faces.align_face`), turns them into model input with
+`imageops.to_model_input` and the preprocessing params stored inside the model file
+(`modelmeta.read_model_info`), so a face is prepared exactly as the faces the model
+was trained on, and classifies them in batches.
 `load_predictor` opens a model file or an MLflow model URI. Used by `fer-predict`
 (`pipeline.predict`) and by the served MLflow model (`pipeline.serving`).
 """
@@ -18,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.faces import FaceDetector, align_face, default_detector
+from pipeline.detectors import Detector, detector_for
+from pipeline.faces import align_face
 from pipeline.imageops import to_model_input
 from pipeline.inference import ONNX_SUFFIX, load_model, predict_probabilities
 from pipeline.modelmeta import ATTRIBUTE, ModelInfo, decode_info, read_model_info
@@ -108,7 +110,7 @@ class Predictor:
         model,
         info: ModelInfo,
         batch_size: int = 64,
-        detector: FaceDetector | None = None,
+        detector: Detector | None = None,
     ) -> None:
         size = info.preprocess.picture_size
         expected = (None, size, size, 1)
@@ -134,9 +136,22 @@ class Predictor:
         return self.info.classes
 
     @property
-    def detector(self) -> FaceDetector:
+    def detector(self) -> Detector:
+        """The face detector the model's params name (`preprocess.face_detector` and
+        `face_tilt_search`), built on first use, unless `use_detector` chose another."""
         if self._detector is None:
-            self._detector = default_detector()
+            self.use_detector()
+        return self._detector
+
+    def use_detector(self, choice: str | None = None, tilt_search: bool | None = None) -> Detector:
+        """Detect faces with `choice` (`detectors.CHOICES`) and `tilt_search`; None keeps
+        what the model's params say. Raises `detectors.DetectorUnavailable` when the
+        detector cannot run here."""
+        params = self.info.preprocess
+        self._detector = detector_for(
+            params.face_detector if choice is None else choice,
+            params.face_tilt_search if tilt_search is None else tilt_search,
+        )
         return self._detector
 
     def face_inputs(self, gray: np.ndarray, detect: bool = True) -> list[FaceInput]:

@@ -99,9 +99,10 @@ def _output_names(files: list[Path]) -> list[str]:
 
 def crop_face(gray: np.ndarray, params: PreprocessParams) -> tuple[np.ndarray, bool]:
     """The aligned largest face when one is found, else the whole image."""
-    from pipeline.faces import align_face, default_detector
+    from pipeline.detectors import detector_for
+    from pipeline.faces import align_face
 
-    faces = default_detector().detect(gray)
+    faces = detector_for(params.face_detector, params.face_tilt_search).detect(gray)
     if not faces:
         return gray, False
     return align_face(gray, faces[0], params.face_margin), True
@@ -183,6 +184,8 @@ def summarize(outcomes: list[Outcome], params: PreprocessParams, seconds: float)
     }
     if params.face_detection:
         found = sum(1 for o in outcomes if o.face_found)
+        report["face_detector"] = params.face_detector
+        report["face_tilt_search"] = params.face_tilt_search
         report["faces_found"] = found
         report["no_face_kept_whole"] = sum(1 for o in outcomes if o.face_found is False)
     report["bad"] = bad
@@ -193,6 +196,8 @@ def run(params: PreprocessParams, paths: Paths) -> dict:
     jobs = list_jobs(paths.raw)
     if not jobs:
         raise PreprocessError(f"{paths.raw}: no images found")
+    if params.face_detection:
+        params = _resolve_detector(params)
     log.info("preprocessing %d images with %s", len(jobs), _describe(params))
     started = time.perf_counter()
     with atomic_dir(paths.processed) as output:
@@ -236,10 +241,24 @@ def run(params: PreprocessParams, paths: Paths) -> dict:
     return report
 
 
+def _resolve_detector(params: PreprocessParams) -> PreprocessParams:
+    """`params` with `auto` replaced by the detector it picks here, once for all workers
+    (each builds its own: MTCNN's TensorFlow must not be started before the fork)."""
+    from pipeline.detectors import DetectorUnavailable, resolve  # only with face detection
+
+    try:
+        return params.model_copy(update={"face_detector": resolve(params.face_detector)})
+    except DetectorUnavailable as exc:
+        raise PreprocessError(f"preprocess.face_detector: {exc}") from None
+
+
 def _describe(params: PreprocessParams) -> str:
     parts = [f"size {params.picture_size}"]
     if params.face_detection:
-        parts.append(f"face detection (margin {params.face_margin})")
+        search = ", tilt search" if params.face_tilt_search else ""
+        parts.append(
+            f"face detection ({params.face_detector}{search}, margin {params.face_margin})"
+        )
     if params.equalization != "none":
         parts.append(f"{params.equalization} equalisation")
     if params.denoise != "none":

@@ -66,7 +66,11 @@ _REQUIREMENTS = (
     "pillow",
     "pydantic",
     "pyyaml",
+    "mtcnn",  # the face detectors (pipeline.detectors)
 )
+# Required where installed: YuNet's wheel exists for Python <= 3.11 only, and without it
+# the served model's `auto` detector takes the Haar cascades.
+_OPTIONAL_REQUIREMENTS = ("yuface",)
 
 
 def output_columns(classes: Sequence[str] = CLASSES) -> list[str]:
@@ -219,8 +223,11 @@ def _input_example(picture_size: int) -> pd.DataFrame:
 def pip_requirements() -> list[str]:
     """The served model's requirements, pinned to the installed versions; TensorFlow under
     the name it was installed as (tensorflow, tensorflow-cpu, …)."""
-    tensorflow = importlib.metadata.packages_distributions().get("tensorflow", ["tensorflow"])
-    names = [tensorflow[0], *_REQUIREMENTS]
+    distributions = importlib.metadata.packages_distributions()
+    tensorflow = distributions.get("tensorflow", ["tensorflow"])
+    installed = {d for names in distributions.values() for d in names}
+    optional = [name for name in _OPTIONAL_REQUIREMENTS if name in installed]
+    names = [tensorflow[0], *_REQUIREMENTS, *optional]
     return [f"{name}=={importlib.metadata.version(name)}" for name in names]
 
 

@@ -28,6 +28,7 @@ from PIL import Image
 from skimage import data
 
 from pipeline import CLASSES
+from pipeline.detectors import detector_for
 from pipeline.faces import align_face, default_detector
 from pipeline.imageops import MAX_PIXELS, ImageError, read_image, to_model_input
 from pipeline.params import load_params
@@ -253,7 +254,7 @@ def test_faces_are_prepared_with_the_models_own_params(
     assert list(line["probabilities"].values()) == pytest.approx(expected.tolist(), abs=2e-6)
 
     gray = read_image(photos["astronaut"])
-    [face] = default_detector().detect(gray)
+    [face] = detector_for(own.face_detector, own.face_tilt_search).detect(gray)
     [found] = load_predictor(path).face_inputs(gray)
     assert found.crop.shape == (40, 40)
     np.testing.assert_array_equal(found.crop, to_model_input(align_face(gray, face, 0.3), own))

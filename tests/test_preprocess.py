@@ -15,7 +15,8 @@ from PIL import Image
 from skimage import data as skdata
 
 from pipeline import CLASSES, preprocess
-from pipeline.faces import default_detector
+from pipeline.detectors import detector_for, resolve
+from pipeline.faces import align_face
 from pipeline.imageops import read_image, to_model_input
 from pipeline.params import PreprocessParams, load_params, read_raw_params
 from pipeline.paths import Paths
@@ -236,8 +237,9 @@ def astronaut() -> np.ndarray:
     return skdata.astronaut()
 
 
+@pytest.mark.parametrize("choice", ["auto", "haar"])
 def test_face_detection_crops_big_photos_and_keeps_faceless_ones_whole(
-    tmp_path: Path, astronaut: np.ndarray
+    tmp_path: Path, astronaut: np.ndarray, choice: str
 ) -> None:
     paths = Paths(tmp_path)
     generate_sample(paths.raw, 14, 14, seed=3)
@@ -246,7 +248,7 @@ def test_face_detection_crops_big_photos_and_keeps_faceless_ones_whole(
     texture = paths.raw / "train" / "neutral" / "brick.png"
     brick = cv2.resize(skdata.brick(), (160, 160), interpolation=cv2.INTER_AREA)
     Image.fromarray(brick).save(texture)  # a wall: no face
-    params = make_params(face_detection=True, face_margin=0.2)
+    params = make_params(face_detection=True, face_margin=0.2, face_detector=choice)
 
     report = run(params, paths)
 
@@ -254,15 +256,20 @@ def test_face_detection_crops_big_photos_and_keeps_faceless_ones_whole(
     whole = to_model_input(gray, params)
     face = cv2.imread(str(paths.processed / "train" / "happy" / "astronaut.png"), 0)
     assert not np.array_equal(face, whole)
-    # Eileen Collins' face spans about x 178-270, y 69-161; with the margin, about this square:
+    detector = detector_for(params.face_detector, params.face_tilt_search)
+    [found] = detector.detect(gray)
+    np.testing.assert_array_equal(face, to_model_input(align_face(gray, found, 0.2), params))
+    # Eileen Collins' face spans about x 178-270, y 69-161; with the margin, about this square
+    # (the Haar cascades' crop; the other detectors' squares are a little larger or smaller):
     expected = to_model_input(gray[51:180, 160:289], params)
-    assert ncc(face, expected) > 0.9
+    assert ncc(face, expected) > (0.9 if detector.name == "haar" else 0.5)
     assert ncc(face, whole) < 0.5
+    assert report["face_detector"] == resolve(params.face_detector)
 
     kept = cv2.imread(str(paths.processed / "train" / "neutral" / "brick.png"), 0)
     np.testing.assert_array_equal(kept, to_model_input(read_image(texture), params))
 
-    with_face = sum(bool(default_detector().detect(read_image(p))) for p in raw_images(paths.raw))
+    with_face = sum(bool(detector.detect(read_image(p))) for p in raw_images(paths.raw))
     assert report["faces_found"] == with_face
     assert report["no_face_kept_whole"] == 30 - with_face
     assert report["faces_found"] >= 1
