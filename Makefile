@@ -13,7 +13,7 @@ RUN := PATH="$(BIN):$$PATH"
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,7 @@ install: $(STAMP)  ## create .venv and install the project with its dev tools
 repro: install  ## run the whole pipeline (dvc repro) as params.yaml says
 	$(RUN) dvc repro
 
-test: install  ## lint and the import contract, then the whole test suite
+test: $(TEAM_STAMP)  ## lint and the import contract, then the whole test suite (team extra included)
 	$(RUN) ruff check .
 	$(RUN) ruff format --check .
 	$(RUN) lint-imports
