@@ -4,6 +4,7 @@
     python -m pipeline.stack env         # print it again: eval "$(python -m pipeline.stack env)"
     python -m pipeline.stack status      # which servers run
     python -m pipeline.stack dvc-remote  # make the stack's bucket this clone's DVC remote
+    python -m pipeline.stack add-user bob  # one more MLflow user, with a generated password
     python -m pipeline.stack down        # stop them all; the data stays
 
 The servers are real ones, each a process on this machine: PostgreSQL from the
@@ -613,6 +614,21 @@ class MLflowServer:
             _stop_group(process.pid)
             raise
         self.ensure_team_user()
+        self.warm_up()
+
+    def warm_up(self) -> None:
+        """One tracking call per worker, as the team user: a worker opens its store on its first
+        call, which on a busy machine takes longer than a client's first probe waits."""
+        import requests
+
+        auth = (self.settings.team_user, self.keys["mlflow_team_password"])
+        url = f"{self.settings.tracking_uri}/api/2.0/mlflow/experiments/search"
+        for _ in range(self.settings.workers):
+            answer = requests.get(url, params={"max_results": 1}, auth=auth, timeout=120)
+            if not answer.ok:
+                raise _failed(
+                    self.name, f"answered {answer.status_code} to a search", self.log_file
+                )
 
     def _auth_request(self, method: str, path: str, user: str, password: str, **kwargs):
         import requests  # MLflow's own dependency; imported with the server's work
@@ -624,6 +640,23 @@ class MLflowServer:
             timeout=30,
             **kwargs,
         )
+
+    def add_user(self, user: str) -> str:
+        """A new MLflow user with a generated password, which is returned."""
+        password = secrets.token_hex(20)
+        created = self._auth_request(
+            "POST",
+            "create",
+            ADMIN_USER,
+            self.keys["mlflow_admin_password"],
+            json={"username": user, "password": password},
+        )
+        if not created.ok:
+            raise StackError(
+                f"mlflow: cannot create the user {user!r} "
+                f"({created.status_code}: {created.text[:200]})"
+            )
+        return password
 
     def ensure_team_user(self) -> None:
         """The team's MLflow user, created by the admin through basic-auth's REST API."""
@@ -826,6 +859,8 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("down", help="stop every server; the data stays")
     commands.add_parser("status", help="which servers run (exit status 1 unless all do)")
     commands.add_parser("env", help="print the client environment as export lines")
+    user = commands.add_parser("add-user", help="a new MLflow user; prints its password")
+    user.add_argument("name", help="the user's name")
     remote = commands.add_parser(
         "dvc-remote", help="make the stack's bucket this clone's DVC remote"
     )
@@ -851,6 +886,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if stack.status() else 1
         elif args.command == "env":
             print("\n".join(stack.env_lines()))
+        elif args.command == "add-user":
+            if not stack.mlflow.running():
+                raise StackError("mlflow is not running: make stack-up first")
+            password = stack.mlflow.add_user(args.name)
+            print(f"export MLFLOW_TRACKING_USERNAME={shlex.quote(args.name)}")
+            print(f"export MLFLOW_TRACKING_PASSWORD={password}")
         else:
             set_dvc_remote(stack, args.name, args.print)
     except StackError as exc:

@@ -372,6 +372,29 @@ def test_every_tracked_stage_fails_on_a_wrong_password_before_loading_data(
     print(f"{stage}: failed after {seconds:.1f} s (TensorFlow's import included)")
 
 
+@pytest.mark.slow
+def test_add_user_gives_a_team_mate_a_login_of_their_own(
+    team, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow import MlflowClient
+
+    done = stack_command(team.root, "add-user", "alice", timeout=120)
+    assert done.returncode == 0, done.stderr
+    login = exports(done.stdout)
+    assert login["MLFLOW_TRACKING_USERNAME"] == "alice"
+    for key, value in {**team.env, **login}.items():
+        monkeypatch.setenv(key, value)
+
+    tracking.check_reachable(team.settings.tracking_uri, team.root)  # raises when refused
+    client = MlflowClient(team.settings.tracking_uri)
+    run = client.create_run(client.create_experiment("alice-test"))
+    client.set_terminated(run.info.run_id)
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+
+    again = stack_command(team.root, "add-user", "alice", timeout=120)
+    assert again.returncode == 1 and "cannot create the user 'alice'" in again.stderr
+
+
 def dvc(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     done = subprocess.run(
         [str(Path(sys.executable).parent / "dvc"), *args],
