@@ -7,9 +7,9 @@ does, optionally mirrored left-right or zoomed in) is predicted once; every view
 averages its views' probabilities. `cross-2` is the evaluate stage's ten views
 (`evaluate.tta = true`), `single` its plain prediction. Prints a Markdown table.
 
-The split is the one the metrics are reported on (the archive has no separate test split),
-so a set that wins here by a few thousandths has been chosen on that split: prefer the
-sets that win on several models.
+Choose views on the validation split (the default), never on the test split, which no
+choice may look at (`data.test_fraction`); even so, a set that wins by a few thousandths
+has been chosen on that split: prefer the sets that win on several models.
 """
 
 from __future__ import annotations
