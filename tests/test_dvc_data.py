@@ -306,6 +306,7 @@ def repo(tmp_path: Path) -> Path:
     (repo / ".dvc" / ".gitignore").write_text("/config.local\n/tmp\n/cache\n")
     _set_param(repo, "data.sample_train_images", 70)
     _set_param(repo, "data.sample_validation_images", 70)
+    _set_param(repo, "data.sample_test_images", 35)
     _set_param(repo, "preprocess.workers", 1)
     _run(repo, "git", "init", "-q")
     _run(repo, "git", "add", "-A")
@@ -324,8 +325,8 @@ def test_dvc_repro_runs_the_data_stages_and_only_what_changed(repo: Path) -> Non
 
     assert _ran(first) == {"download", "preprocess"}
     assert "Found 70 images belonging to 7 classes." in first
-    assert len(list(paths.raw.rglob("*.jpg"))) == 140
-    assert len(list(paths.processed.rglob("*.png"))) == 140
+    assert len(list(paths.raw.rglob("*.jpg"))) == 175  # 70 train, 70 validation, 35 test
+    assert len(list(paths.processed.rglob("*.png"))) == 175
     for report in (paths.data_report, paths.preprocess_report, paths.samples_figure):
         assert report.stat().st_size > 0
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
