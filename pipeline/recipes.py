@@ -8,7 +8,9 @@ changes; its leading comment says what it is for and what it measured. Run one w
 which checks the recipe and your `-S` overrides against the params schema and then runs
 `dvc exp run -n <name>-<date>-<time> -S key=value ...` (your `-S` after the recipe's, so
 they win). `--queue` and `--temp` are passed on to DVC. `list` names the recipes and
-`show <name>` prints the `dvc exp run` command without running it.
+`show <name>` prints the `dvc exp run` command without running it. Both refuse a
+params.yaml whose uncommitted changes the recipe does not override (such as the params
+of the last experiment, which DVC applies to the workspace): they would join the run.
 """
 
 from __future__ import annotations
@@ -117,6 +119,37 @@ def command(
     return argv + dvc_args
 
 
+def committed_params(params_file: Path) -> dict[str, Any] | None:
+    """`params_file` as git's HEAD has it, as dotted keys; None outside a git checkout."""
+    folder = params_file.resolve().parent
+    try:
+        done = subprocess.run(
+            ["git", "show", f"HEAD:./{params_file.name}"],
+            cwd=folder, capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if done.returncode != 0:
+        return None
+    return _flatten(yaml.safe_load(done.stdout) or {})
+
+
+def leaking_changes(params_file: Path, covered: set[str]) -> dict[str, tuple[Any, Any]]:
+    """Keys whose workspace value differs from HEAD's and that neither the recipe nor a
+    `-S` sets: {key: (workspace value, HEAD value)}. `dvc exp run` applies a recipe on
+    top of the workspace's params.yaml, so these would silently join the experiment, as
+    the params of the last experiment do after DVC applies its results to the workspace."""
+    head = committed_params(params_file)
+    if head is None:
+        return {}
+    workspace = _flatten(yaml.safe_load(params_file.read_text(encoding="utf-8")) or {})
+    return {
+        key: (workspace.get(key), head.get(key))
+        for key in sorted(set(workspace) | set(head))
+        if key not in covered and workspace.get(key) != head.get(key)
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.recipes",
@@ -156,8 +189,21 @@ def main(argv: list[str] | None = None) -> int:
     dvc_args = [flag for flag, on in (("--queue", args.queue), ("--temp", args.temp)) if on]
     try:
         dvc = command(args.name, args.overrides, dvc_args, experiment=args.experiment)
+        covered = set(load_recipe(args.name)) | set(parse_overrides(args.overrides))
     except RecipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    leaks = leaking_changes(PARAMS_FILE, covered)
+    if leaks:
+        listed = "; ".join(f"{k}: {w!r} (HEAD: {h!r})" for k, (w, h) in leaks.items())
+        keep = " ".join(f"-S {k}={yaml_value(w)}" for k, (w, _) in leaks.items())
+        print(
+            f"error: {PARAMS_FILE} differs from HEAD in keys the recipe does not set, which "
+            f"would silently join the experiment: {listed}. Run `git checkout {PARAMS_FILE}` "
+            f"(after `dvc exp run`, DVC leaves the last experiment's params there) to drop "
+            f"them, or keep them with {keep}",
+            file=sys.stderr,
+        )
         return 2
     print(shlex.join(dvc), flush=True)
     if args.action == "show":

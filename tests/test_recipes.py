@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, git, subprocess_env
 
 from pipeline import recipes
 from pipeline.params import flatten, load_params
@@ -151,3 +152,38 @@ def test_a_bad_override_exits_2_with_the_reason(tmp_path):
     assert done.returncode == 2
     assert "train.epochs" in done.stderr
     assert "dvc exp run" not in done.stdout
+
+
+def test_uncommitted_params_the_recipe_does_not_set_are_refused_not_run(tmp_path):
+    # after `dvc exp run`, DVC leaves the experiment's params in params.yaml: a recipe run
+    # next would silently inherit them (it sets only its own keys)
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(ROOT / "params.yaml", project / "params.yaml")
+    shutil.copytree(ROOT / "recipes", project / "recipes")
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "params"]):
+        git(project, *args)
+    text = (project / "params.yaml").read_text()
+    (project / "params.yaml").write_text(
+        text.replace("  crop: 0\n", "  crop: 40\n").replace("  tta: false", "  tta: true")
+    )
+    record = _fake_dvc(tmp_path / "bin", 0)
+    env = subprocess_env(PYTHONPATH=str(ROOT))
+    env["PATH"] = os.pathsep.join([str(tmp_path / "bin"), env["PATH"]])
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "pipeline.recipes", "run", "cpu-60min", *extra],
+            cwd=project, env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    refused = run()
+    assert refused.returncode == 2
+    assert "model.crop: 40 (HEAD: 0)" in refused.stderr  # evaluate.tta: the recipe sets it
+    assert "evaluate.tta" not in refused.stderr
+    assert "git checkout params.yaml" in refused.stderr and "-S model.crop=40" in refused.stderr
+    assert not record.exists()  # DVC never started
+
+    kept = run("-S", "model.crop=40")
+    assert kept.returncode == 0, kept.stderr
+    assert _settings_from_argv(json.loads(record.read_text()))["model.crop"] == 40
