@@ -193,9 +193,55 @@ def _refusal(exc: Exception, uri: str) -> str | None:
     )
 
 
+def _shown(uri: str) -> str:
+    """`uri` with any password in it masked, as it may be printed."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(uri).render_as_string(hide_password=True)
+    except Exception:  # not a database URL: nothing to hide
+        return uri
+
+
+def _known_schema_versions() -> set[str]:
+    """The schema versions this MLflow's migrations know, from its own alembic scripts."""
+    from alembic.script import ScriptDirectory
+
+    migrations = Path(mlflow.__file__).parent / "store" / "db_migrations"
+    return {revision.revision for revision in ScriptDirectory(str(migrations)).walk_revisions()}
+
+
+def _stale_schema(exc: Exception, uri: str) -> str | None:
+    """What to do when the database store at `uri` has another schema version than this
+    MLflow's (its `_verify_schema` refuses it), else None."""
+    if not isinstance(exc, MlflowException) or "out-of-date database schema" not in str(exc):
+        return None
+    found = re.search(r"found version (\S+), but expected (\S+?)\)", str(exc))
+    store, shown = f"the MLflow store {_shown(uri)}", _shown(uri)
+    this = f"MLflow {mlflow.__version__}"
+    if not found:
+        return f"{store} has another schema than {this} expects: run mlflow db upgrade {shown}"
+    version, expected = found.groups()
+    try:
+        newer = version not in _known_schema_versions()
+    except Exception:  # cannot tell: say what helps the usual case, an older store
+        newer = False
+    if newer:
+        return (
+            f"{store} has a newer schema (version {version}) than {this} knows (up to "
+            f"{expected}): a newer MLflow wrote it. Install that MLflow version here, or "
+            "track elsewhere (MLFLOW_TRACKING_URI)"
+        )
+    return (
+        f"{store} has an older schema (version {version}) than {this} needs "
+        f"({expected}): back it up, then run mlflow db upgrade {shown}"
+    )
+
+
 def check_reachable(uri: str, root: Path) -> None:
     """Fail fast, before any training, when the store at `uri` cannot be used: not
-    reachable, or refusing the user in `MLFLOW_TRACKING_USERNAME`/`_PASSWORD`."""
+    reachable, refusing the user in `MLFLOW_TRACKING_USERNAME`/`_PASSWORD`, or a database
+    at another schema version than this MLflow's."""
     try:
         with _short_http_timeouts():
             MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
@@ -203,6 +249,9 @@ def check_reachable(uri: str, root: Path) -> None:
         refusal = _refusal(exc, uri) if is_remote(uri) else None
         if refusal:
             raise TrackingError(refusal) from None
+        stale = None if is_remote(uri) else _stale_schema(exc, uri)
+        if stale:
+            raise TrackingError(stale) from None
         if is_remote(uri):
             raise TrackingError(
                 f"the MLflow tracking server at {uri} (MLFLOW_TRACKING_URI) is not reachable: "

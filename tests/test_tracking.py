@@ -379,6 +379,131 @@ def test_an_unreachable_tracking_server_fails_fast_before_training(tiny_project:
     assert not tiny_project.models.exists()
 
 
+# ---------------------------------------------------------------- a store at another schema
+
+
+_MAKE_STORE = (
+    "import sys; from mlflow import MlflowClient; MlflowClient(sys.argv[1]).search_experiments()"
+)
+NEWER = "f00dfeed1234"  # a schema version no MLflow release has
+
+
+def store_at_schema(path: Path, change: str) -> tuple[str, str]:
+    """A real SQLite store made by this MLflow, then moved off its schema version with
+    MLflow's own alembic scripts; (its URI, the version it is left at).
+
+    `downgrade`: MLflow's downgrade of its newest migration. `stamp`: the version of
+    the one before, the tables as they are (a store an older MLflow wrote, when no
+    migration since added a table). `unknown`: a version this MLflow does not know, as a
+    newer MLflow writes.
+    """
+    import sqlalchemy
+    from alembic import command
+    from alembic.script import ScriptDirectory
+    from mlflow.store.db.utils import _get_alembic_config
+
+    uri = f"sqlite:///{path}"
+    # made in another process: this one would keep MLflow's verified store for the URI
+    subprocess.run(
+        [sys.executable, "-c", _MAKE_STORE, uri], env=subprocess_env(), check=True, timeout=120
+    )
+    config = _get_alembic_config(uri)
+    head = ScriptDirectory.from_config(config).get_current_head()
+    older = ScriptDirectory.from_config(config).get_revision(head).down_revision
+    if change == "downgrade":
+        command.downgrade(config, older)
+        return uri, older
+    if change == "stamp":
+        command.stamp(config, older)
+        return uri, older
+    engine = sqlalchemy.create_engine(uri)
+    with engine.begin() as connection:
+        connection.execute(sqlalchemy.text(f"UPDATE alembic_version SET version_num = '{NEWER}'"))
+    engine.dispose()
+    return uri, NEWER
+
+
+def schema_version(uri: str) -> str:
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(uri)
+    with engine.connect() as connection:
+        version = connection.execute(sqlalchemy.text("SELECT version_num FROM alembic_version"))
+        found = version.scalar_one()
+    engine.dispose()
+    return found
+
+
+def test_a_store_at_an_older_schema_stops_the_stage_with_the_upgrade_command(
+    tiny_project: Paths,
+) -> None:
+    root = tiny_project.root
+    (root / ".dvc").mkdir()
+    write_params(root / "params.yaml", tiny_params())
+    uri, version = store_at_schema(root / "mlflow.db", "stamp")
+
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.train"],
+        cwd=root,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    assert done.returncode == 1, done.stderr
+    # today MLflow's own words end in "run 'mlflow db upgrade <database_uri>'", cut short
+    error = next(line for line in done.stderr.splitlines() if "train ERROR" in line)
+    assert error.endswith(
+        f"train ERROR: the MLflow store {uri} has an older schema (version {version}) than "
+        f"MLflow {mlflow_version()} needs ({schema_version_of_this_mlflow()}): back it up, "
+        f"then run mlflow db upgrade {uri}"
+    )
+    assert "Found" not in done.stderr  # the data was never loaded
+    assert not tiny_project.models.exists()
+    assert schema_version(uri) == version  # and the store is as it was
+
+
+def mlflow_version() -> str:
+    import mlflow
+
+    return mlflow.__version__
+
+
+def schema_version_of_this_mlflow() -> str:
+    from alembic.script import ScriptDirectory
+    from mlflow.store.db.utils import _get_alembic_config
+
+    return ScriptDirectory.from_config(_get_alembic_config("")).get_current_head()
+
+
+def test_a_store_a_newer_mlflow_wrote_says_so(tmp_path: Path) -> None:
+    uri, version = store_at_schema(tmp_path / "mlflow.db", "unknown")
+    with pytest.raises(tracking.TrackingError) as caught:
+        tracking.check_reachable(uri, tmp_path)
+    assert str(caught.value) == (
+        f"the MLflow store {uri} has a newer schema (version {version}) than MLflow "
+        f"{mlflow_version()} knows (up to {schema_version_of_this_mlflow()}): a newer MLflow "
+        "wrote it. Install that MLflow version here, or track elsewhere (MLFLOW_TRACKING_URI)"
+    )
+
+
+def test_a_store_missing_a_newer_table_is_upgraded_by_mlflow_itself(tmp_path: Path) -> None:
+    # MLflow 3.17 runs its migrations when one of its tables is missing, and its newest
+    # migration adds two (scheduler_leases, job_locks): a store an older MLflow left at an
+    # older schema is migrated on first use, and the stage goes on
+    uri, version = store_at_schema(tmp_path / "mlflow.db", "downgrade")
+    assert version != schema_version_of_this_mlflow()
+    tracking.check_reachable(uri, tmp_path)
+    assert schema_version(uri) == schema_version_of_this_mlflow()
+
+
+def test_a_password_in_a_database_uri_is_not_shown() -> None:
+    uri = "postgresql+psycopg2://mlflow:s3cret@db.example:5432/mlflow"
+    assert tracking._shown(uri) == "postgresql+psycopg2://mlflow:***@db.example:5432/mlflow"
+    assert tracking._shown("sqlite:////srv/mlflow.db") == "sqlite:////srv/mlflow.db"
+
+
 # ---------------------------------------------------------------- the project's own store
 
 
