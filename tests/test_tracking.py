@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import signal
@@ -23,6 +24,7 @@ from conftest import (
     ROOT,
     free_port,
     git,
+    start_mlflow_server,
     stop_process_group,
     subprocess_env,
     tiny_params,
@@ -377,6 +379,73 @@ def test_an_unreachable_tracking_server_fails_fast_before_training(tiny_project:
         assert words in done.stderr
     assert "Found" not in done.stderr  # the data was never loaded
     assert not tiny_project.models.exists()
+
+
+@pytest.mark.slow
+def test_a_server_restarted_during_training_still_gets_a_finished_run_with_every_epoch(
+    tiny_project: Paths, tmp_path: Path
+) -> None:
+    from mlflow import MlflowClient
+
+    folder = tmp_path / "server"
+    folder.mkdir()
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_mlflow_server(folder, port)
+    root = tiny_project.root
+    epochs = 8
+    params = tiny_params(**{"train.epochs": epochs, "train.early_stopping.enabled": False})
+    write_params(root / "params.yaml", params)
+    client = MlflowClient(uri)
+    log_file = root / "train.log"
+    with log_file.open("wb") as log:
+        training = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.train"],
+            cwd=root,
+            env=subprocess_env(MLFLOW_TRACKING_URI=uri),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 300
+        run_id = None
+        while time.monotonic() < deadline and training.poll() is None:
+            found = client.get_experiment_by_name(params.mlflow.experiment)
+            runs = client.search_runs([found.experiment_id]) if found else []
+            if runs and client.get_metric_history(runs[0].info.run_id, "loss"):
+                run_id = runs[0].info.run_id  # epoch 1 is logged, epoch 2 has begun
+                break
+            time.sleep(0.2)
+        assert run_id, "no epoch logged:\n" + log_file.read_text(errors="replace")[-3000:]
+        # a crash, not a shutdown: SIGKILL to the server and its worker
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
+        time.sleep(3)  # the training meets a closed port, and retries
+        assert training.poll() is None, "the training ended before the server came back"
+        server = start_mlflow_server(folder, port)
+        returncode = training.wait(timeout=600)
+    finally:
+        if training.poll() is None:
+            training.kill()
+            training.wait()
+        stop_process_group(server)
+        server = start_mlflow_server(folder, port)  # to read what the run holds
+
+    try:
+        output = log_file.read_text(errors="replace")
+        assert returncode == 0, output[-3000:]
+        # the outage was met: an epoch's metrics were refused, and retried (MLflow's client)
+        retried = [line for line in output.splitlines() if "Retrying" in line]
+        assert any("Connection refused" in line and "runs/log-batch" in line for line in retried)
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED"
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy", "lr"):
+            steps = [m.step for m in client.get_metric_history(run_id, key)]
+            assert sorted(steps) == list(range(1, epochs + 1)), key
+        assert "models/model.h5" in {f.path for f in client.list_artifacts(run_id, "models")}
+        assert json.loads(tiny_project.run_info.read_text())["run_id"] == run_id
+    finally:
+        stop_process_group(server)
 
 
 # ---------------------------------------------------------------- a store at another schema
