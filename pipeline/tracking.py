@@ -452,16 +452,42 @@ def epoch_logger():
 
     Epochs count from 1, as in `reports/history.csv`; `lr` is the rate the epoch used,
     as the learning-rate callbacks put it in the logs (`learning_rate`).
+
+    When the tracking server stays away past the client's retries, the training goes
+    on: that epoch's and the later epochs' points wait in `unlogged` (one wait for the
+    server, not one an epoch), and `send_unlogged` tries them again at the end.
     """
     import keras
 
     class EpochLogger(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.unlogged: dict[int, dict[str, float]] = {}
+
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             logs = logs or {}
             values = {k: float(v) for k, v in logs.items() if k in EPOCH_METRICS}
             if "learning_rate" in logs:
                 values["lr"] = float(logs["learning_rate"])
-            mlflow.log_metrics(values, step=epoch + 1)
+            step = epoch + 1
+            if self.unlogged:
+                self.unlogged[step] = values
+                return
+            try:
+                mlflow.log_metrics(values, step=step)
+            except MlflowException as exc:
+                log.warning(
+                    "MLflow did not take epoch %d's metrics (%s); the training goes on, and "
+                    "they are sent again when it ends",
+                    step,
+                    _reason(exc),
+                )
+                self.unlogged[step] = values
+
+        def send_unlogged(self) -> None:
+            for step in sorted(self.unlogged):
+                mlflow.log_metrics(self.unlogged[step], step=step)
+                del self.unlogged[step]
 
     return EpochLogger()
 
@@ -621,6 +647,35 @@ def read_run_info(path: Path) -> RunInfo | None:
         return None
 
 
+def _steps(steps: list[int]) -> str:
+    """[2, 3, 4, 7] as "2-4, 7"."""
+    spans: list[list[int]] = []
+    for step in sorted(steps):
+        if spans and step == spans[-1][-1] + 1:
+            spans[-1].append(step)
+        else:
+            spans.append([step])
+    return ", ".join(f"{s[0]}-{s[-1]}" if len(s) > 1 else f"{s[0]}" for s in spans)
+
+
+def lost_run_message(
+    run_id: str, uri: str, unlogged: dict[int, dict], exc: Exception, paths: Paths
+) -> str:
+    """Which run lost what, when the store failed it after the training."""
+    lost = "its summary metrics, model and reports"
+    if unlogged:
+        lost = f"epochs {_steps(list(unlogged))} of its curves, and {lost}"
+    kept = (
+        f"The training itself is whole ({paths.model}, {paths.history}); run"
+        if paths.history.is_file()
+        else "Run"
+    )
+    return (
+        f"the MLflow store {_shown(uri)} failed ({_reason(exc)}): run {run_id} "
+        f"lacks {lost}. {kept} the stage again once the store answers"
+    )
+
+
 @contextlib.contextmanager
 def training_run(params: Params, paths: Paths) -> Iterator[list]:
     """A new MLflow run around a training; yields the Keras callbacks that log its epochs.
@@ -636,8 +691,15 @@ def training_run(params: Params, paths: Paths) -> Iterator[list]:
         )
         log.info("MLflow run %s (%s) in %s", run.info.run_name, run.info.run_id, uri)
         record_inputs(params, paths, **{STAGE_TAG: "training"})
-        yield [epoch_logger()]
-        log_training_outputs(params, paths)
+        logger = epoch_logger()
+        try:
+            yield [logger]  # the stage logs its summary metrics before it comes back
+            logger.send_unlogged()
+            log_training_outputs(params, paths)
+        except MlflowException as exc:
+            raise TrackingError(
+                lost_run_message(run.info.run_id, uri, logger.unlogged, exc, paths)
+            ) from None
         write_run_info(paths.run_info, RunInfo(run.info.run_id, experiment_id, uri))
         mlflow.set_tag(STAGE_TAG, "trained")
 

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from conftest import (
@@ -381,20 +382,13 @@ def test_an_unreachable_tracking_server_fails_fast_before_training(tiny_project:
     assert not tiny_project.models.exists()
 
 
-@pytest.mark.slow
-def test_a_server_restarted_during_training_still_gets_a_finished_run_with_every_epoch(
-    tiny_project: Paths, tmp_path: Path
-) -> None:
+def train_past_the_first_epoch(
+    root: Path, params, uri: str, **env: str
+) -> tuple[subprocess.Popen, str, Path]:
+    """`python -m pipeline.train` tracking to `uri`, once its first epoch is logged; the
+    process, its run id and its log file."""
     from mlflow import MlflowClient
 
-    folder = tmp_path / "server"
-    folder.mkdir()
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    server = start_mlflow_server(folder, port)
-    root = tiny_project.root
-    epochs = 8
-    params = tiny_params(**{"train.epochs": epochs, "train.early_stopping.enabled": False})
     write_params(root / "params.yaml", params)
     client = MlflowClient(uri)
     log_file = root / "train.log"
@@ -402,24 +396,46 @@ def test_a_server_restarted_during_training_still_gets_a_finished_run_with_every
         training = subprocess.Popen(
             [sys.executable, "-m", "pipeline.train"],
             cwd=root,
-            env=subprocess_env(MLFLOW_TRACKING_URI=uri),
+            env=subprocess_env(MLFLOW_TRACKING_URI=uri, **env),
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and training.poll() is None:
+        found = client.get_experiment_by_name(params.mlflow.experiment)
+        runs = client.search_runs([found.experiment_id]) if found else []
+        if runs and client.get_metric_history(runs[0].info.run_id, "loss"):
+            return training, runs[0].info.run_id, log_file  # epoch 2 has begun
+        time.sleep(0.2)
+    training.kill()
+    training.wait()
+    pytest.fail("no epoch logged:\n" + log_file.read_text(errors="replace")[-3000:])
+
+
+def crash(server: subprocess.Popen) -> None:
+    """SIGKILL to the server and its worker: a crash, not a shutdown."""
+    os.killpg(server.pid, signal.SIGKILL)
+    server.wait(timeout=30)
+
+
+EIGHT_EPOCHS = {"train.epochs": 8, "train.early_stopping.enabled": False}
+
+
+@pytest.mark.slow
+def test_a_server_restarted_during_training_still_gets_a_finished_run_with_every_epoch(
+    tiny_project: Paths, tmp_path: Path
+) -> None:
+    from mlflow import MlflowClient
+
+    folder, port = tmp_path / "server", free_port()
+    folder.mkdir()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_mlflow_server(folder, port)
+    training, run_id, log_file = train_past_the_first_epoch(
+        tiny_project.root, tiny_params(**EIGHT_EPOCHS), uri
+    )
     try:
-        deadline = time.monotonic() + 300
-        run_id = None
-        while time.monotonic() < deadline and training.poll() is None:
-            found = client.get_experiment_by_name(params.mlflow.experiment)
-            runs = client.search_runs([found.experiment_id]) if found else []
-            if runs and client.get_metric_history(runs[0].info.run_id, "loss"):
-                run_id = runs[0].info.run_id  # epoch 1 is logged, epoch 2 has begun
-                break
-            time.sleep(0.2)
-        assert run_id, "no epoch logged:\n" + log_file.read_text(errors="replace")[-3000:]
-        # a crash, not a shutdown: SIGKILL to the server and its worker
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait(timeout=30)
+        crash(server)
         time.sleep(3)  # the training meets a closed port, and retries
         assert training.poll() is None, "the training ended before the server came back"
         server = start_mlflow_server(folder, port)
@@ -437,15 +453,53 @@ def test_a_server_restarted_during_training_still_gets_a_finished_run_with_every
         # the outage was met: an epoch's metrics were refused, and retried (MLflow's client)
         retried = [line for line in output.splitlines() if "Retrying" in line]
         assert any("Connection refused" in line and "runs/log-batch" in line for line in retried)
+        client = MlflowClient(uri)
         run = client.get_run(run_id)
         assert run.info.status == "FINISHED"
         for key in ("loss", "accuracy", "val_loss", "val_accuracy", "lr"):
             steps = [m.step for m in client.get_metric_history(run_id, key)]
-            assert sorted(steps) == list(range(1, epochs + 1)), key
+            assert sorted(steps) == list(range(1, 9)), key
         assert "models/model.h5" in {f.path for f in client.list_artifacts(run_id, "models")}
         assert json.loads(tiny_project.run_info.read_text())["run_id"] == run_id
     finally:
         stop_process_group(server)
+
+
+@pytest.mark.slow
+def test_a_server_gone_for_good_leaves_the_trained_model_and_names_the_run(
+    tiny_project: Paths, tmp_path: Path
+) -> None:
+    folder, port = tmp_path / "server", free_port()
+    folder.mkdir()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_mlflow_server(folder, port)
+    # one quick retry instead of MLflow's minutes of them
+    short = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0"}
+    training, run_id, log_file = train_past_the_first_epoch(
+        tiny_project.root, tiny_params(**EIGHT_EPOCHS), uri, **short
+    )
+    try:
+        crash(server)
+        returncode = training.wait(timeout=600)
+    finally:
+        if training.poll() is None:
+            training.kill()
+            training.wait()
+        stop_process_group(server)
+
+    output = log_file.read_text(errors="replace")
+    assert returncode == 1, output[-3000:]
+    error = next(line for line in output.splitlines() if "train ERROR" in line)
+    assert f"the MLflow store {uri} failed (Connection refused): " in error
+    assert f"run {run_id} lacks epochs " in error
+    assert "of its curves, and its summary metrics, model and reports" in error
+    assert "The training itself is whole" in error
+    assert "Traceback" not in output
+    # every epoch trained, and the checkpoint and the history are there
+    history = pd.read_csv(tiny_project.history)
+    assert history["epoch"].tolist() == list(range(1, 9))
+    assert tiny_project.model.is_file()
+    assert not tiny_project.run_info.exists()  # no run for evaluate to reopen
 
 
 # ---------------------------------------------------------------- a store at another schema
