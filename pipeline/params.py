@@ -146,10 +146,25 @@ class TrainParams(_Group):
     temperature_scaling: bool
     bn_recalibration_batches: int = Field(ge=0)
     precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"]
+    distribution: Literal["none", "mirrored"]
     augmentation: AugmentationParams
     checkpoint: CheckpointParams
     early_stopping: EarlyStoppingParams
     reduce_lr: ReduceLRParams
+
+    @model_validator(mode="after")
+    def _check_distribution(self) -> TrainParams:
+        if self.distribution == "mirrored" and self.ema_momentum:
+            # Keras 3.15 puts the average in place inside a tf.cond, and MirroredStrategy
+            # refuses the cross-replica update there ("`merge_call` called while defining
+            # a new graph"), at the first step
+            raise ParamsError(
+                f"train.ema_momentum: {self.ema_momentum} does not train with "
+                "train.distribution 'mirrored' (Keras 3 cannot overwrite mirrored weights "
+                "with their average); set train.ema_momentum to 0.0, or train.distribution "
+                "to none"
+            )
+        return self
 
 
 class EvaluateParams(_Group):

@@ -6,6 +6,7 @@ data give the same numbers on the same CPU kind.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from pipeline.machine import cpu_has_native_bfloat16
@@ -51,3 +52,28 @@ def resolve_precision(precision: str) -> str:
     if tf.config.list_physical_devices("GPU"):
         return "mixed_float16"
     return "mixed_bfloat16" if cpu_has_native_bfloat16() else "float32"
+
+
+def distribution_scope(distribution: str) -> contextlib.AbstractContextManager:
+    """Where `train.distribution` builds, compiles and fits the model: as it is for `none`;
+    for `mirrored`, the scope of a `tf.distribute.MirroredStrategy` with one replica per
+    GPU (per logical CPU device without one), each taking its share of every batch."""
+    if distribution == "none":
+        return contextlib.nullcontext()
+    import tensorflow as tf
+
+    strategy = tf.distribute.MirroredStrategy()
+    devices = strategy.extended.worker_devices
+    log.info(
+        "train.distribution=mirrored: %d replica%s, on %s",
+        strategy.num_replicas_in_sync,
+        "" if strategy.num_replicas_in_sync == 1 else "s",
+        ", ".join(devices),
+    )
+    if strategy.num_replicas_in_sync == 1:
+        log.warning(
+            "train.distribution=mirrored found one device only (%s): it trains as with "
+            "none, on that device",
+            devices[0],
+        )
+    return strategy.scope()

@@ -193,9 +193,55 @@ def _refusal(exc: Exception, uri: str) -> str | None:
     )
 
 
+def _shown(uri: str) -> str:
+    """`uri` with any password in it masked, as it may be printed."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(uri).render_as_string(hide_password=True)
+    except Exception:  # not a database URL: nothing to hide
+        return uri
+
+
+def _known_schema_versions() -> set[str]:
+    """The schema versions this MLflow's migrations know, from its own alembic scripts."""
+    from alembic.script import ScriptDirectory
+
+    migrations = Path(mlflow.__file__).parent / "store" / "db_migrations"
+    return {revision.revision for revision in ScriptDirectory(str(migrations)).walk_revisions()}
+
+
+def _stale_schema(exc: Exception, uri: str) -> str | None:
+    """What to do when the database store at `uri` has another schema version than this
+    MLflow's (its `_verify_schema` refuses it), else None."""
+    if not isinstance(exc, MlflowException) or "out-of-date database schema" not in str(exc):
+        return None
+    found = re.search(r"found version (\S+), but expected (\S+?)\)", str(exc))
+    store, shown = f"the MLflow store {_shown(uri)}", _shown(uri)
+    this = f"MLflow {mlflow.__version__}"
+    if not found:
+        return f"{store} has another schema than {this} expects: run mlflow db upgrade {shown}"
+    version, expected = found.groups()
+    try:
+        newer = version not in _known_schema_versions()
+    except Exception:  # cannot tell: say what helps the usual case, an older store
+        newer = False
+    if newer:
+        return (
+            f"{store} has a newer schema (version {version}) than {this} knows (up to "
+            f"{expected}): a newer MLflow wrote it. Install that MLflow version here, or "
+            "track elsewhere (MLFLOW_TRACKING_URI)"
+        )
+    return (
+        f"{store} has an older schema (version {version}) than {this} needs "
+        f"({expected}): back it up, then run mlflow db upgrade {shown}"
+    )
+
+
 def check_reachable(uri: str, root: Path) -> None:
     """Fail fast, before any training, when the store at `uri` cannot be used: not
-    reachable, or refusing the user in `MLFLOW_TRACKING_USERNAME`/`_PASSWORD`."""
+    reachable, refusing the user in `MLFLOW_TRACKING_USERNAME`/`_PASSWORD`, or a database
+    at another schema version than this MLflow's."""
     try:
         with _short_http_timeouts():
             MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
@@ -203,6 +249,9 @@ def check_reachable(uri: str, root: Path) -> None:
         refusal = _refusal(exc, uri) if is_remote(uri) else None
         if refusal:
             raise TrackingError(refusal) from None
+        stale = None if is_remote(uri) else _stale_schema(exc, uri)
+        if stale:
+            raise TrackingError(stale) from None
         if is_remote(uri):
             raise TrackingError(
                 f"the MLflow tracking server at {uri} (MLFLOW_TRACKING_URI) is not reachable: "
@@ -403,16 +452,42 @@ def epoch_logger():
 
     Epochs count from 1, as in `reports/history.csv`; `lr` is the rate the epoch used,
     as the learning-rate callbacks put it in the logs (`learning_rate`).
+
+    When the tracking server stays away past the client's retries, the training goes
+    on: that epoch's and the later epochs' points wait in `unlogged` (one wait for the
+    server, not one an epoch), and `send_unlogged` tries them again at the end.
     """
     import keras
 
     class EpochLogger(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.unlogged: dict[int, dict[str, float]] = {}
+
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             logs = logs or {}
             values = {k: float(v) for k, v in logs.items() if k in EPOCH_METRICS}
             if "learning_rate" in logs:
                 values["lr"] = float(logs["learning_rate"])
-            mlflow.log_metrics(values, step=epoch + 1)
+            step = epoch + 1
+            if self.unlogged:
+                self.unlogged[step] = values
+                return
+            try:
+                mlflow.log_metrics(values, step=step)
+            except MlflowException as exc:
+                log.warning(
+                    "MLflow did not take epoch %d's metrics (%s); the training goes on, and "
+                    "they are sent again when it ends",
+                    step,
+                    _reason(exc),
+                )
+                self.unlogged[step] = values
+
+        def send_unlogged(self) -> None:
+            for step in sorted(self.unlogged):
+                mlflow.log_metrics(self.unlogged[step], step=step)
+                del self.unlogged[step]
 
     return EpochLogger()
 
@@ -572,6 +647,35 @@ def read_run_info(path: Path) -> RunInfo | None:
         return None
 
 
+def _steps(steps: list[int]) -> str:
+    """[2, 3, 4, 7] as "2-4, 7"."""
+    spans: list[list[int]] = []
+    for step in sorted(steps):
+        if spans and step == spans[-1][-1] + 1:
+            spans[-1].append(step)
+        else:
+            spans.append([step])
+    return ", ".join(f"{s[0]}-{s[-1]}" if len(s) > 1 else f"{s[0]}" for s in spans)
+
+
+def lost_run_message(
+    run_id: str, uri: str, unlogged: dict[int, dict], exc: Exception, paths: Paths
+) -> str:
+    """Which run lost what, when the store failed it after the training."""
+    lost = "its summary metrics, model and reports"
+    if unlogged:
+        lost = f"epochs {_steps(list(unlogged))} of its curves, and {lost}"
+    kept = (
+        f"The training itself is whole ({paths.model}, {paths.history}); run"
+        if paths.history.is_file()
+        else "Run"
+    )
+    return (
+        f"the MLflow store {_shown(uri)} failed ({_reason(exc)}): run {run_id} "
+        f"lacks {lost}. {kept} the stage again once the store answers"
+    )
+
+
 @contextlib.contextmanager
 def training_run(params: Params, paths: Paths) -> Iterator[list]:
     """A new MLflow run around a training; yields the Keras callbacks that log its epochs.
@@ -587,8 +691,15 @@ def training_run(params: Params, paths: Paths) -> Iterator[list]:
         )
         log.info("MLflow run %s (%s) in %s", run.info.run_name, run.info.run_id, uri)
         record_inputs(params, paths, **{STAGE_TAG: "training"})
-        yield [epoch_logger()]
-        log_training_outputs(params, paths)
+        logger = epoch_logger()
+        try:
+            yield [logger]  # the stage logs its summary metrics before it comes back
+            logger.send_unlogged()
+            log_training_outputs(params, paths)
+        except MlflowException as exc:
+            raise TrackingError(
+                lost_run_message(run.info.run_id, uri, logger.unlogged, exc, paths)
+            ) from None
         write_run_info(paths.run_info, RunInfo(run.info.run_id, experiment_id, uri))
         mlflow.set_tag(STAGE_TAG, "trained")
 

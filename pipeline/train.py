@@ -27,7 +27,7 @@ from pipeline.metrics import best_epoch
 from pipeline.modelmeta import info_for, write_model_info
 from pipeline.params import Params, TrainParams
 from pipeline.paths import Paths
-from pipeline.runtime import make_deterministic, resolve_precision
+from pipeline.runtime import distribution_scope, make_deterministic, resolve_precision
 from pipeline.tracking import TrackingError
 
 log = logging.getLogger(__name__)
@@ -165,14 +165,66 @@ def write_history(history: list[dict[str, float]], path: Path) -> None:
     write_text_atomic(path, history_frame(history).to_csv(index=False, float_format="%.6g"))
 
 
+def fit_model(
+    params: Params, paths: Paths, train_split, val_split, steps: int, extra_callbacks: list
+):
+    """Build, compile and fit `model.arch` (in the caller's distribution scope); Keras'
+    history and the seconds `model.fit` took."""
+    import keras  # as in `run`: once the params are good
+
+    from pipeline.callbacks import RecalibrateBatchNorm
+    from pipeline.dataset import evaluation_input, training_input
+    from pipeline.models import build_model
+
+    train = params.train
+    size = params.preprocess.picture_size
+    model = build_model(params.model, (size, size, 1), len(CLASSES))
+    model.compile(
+        optimizer=make_optimizer(train, steps),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=train.label_smoothing),
+        metrics=["accuracy"],
+    )
+    paths.models.mkdir(parents=True, exist_ok=True)
+    summary = model_summary_text(model)
+    write_text_atomic(paths.model_summary, summary)
+
+    # the schedule's callback logs each epoch's rate as `learning_rate`, before the
+    # extra callbacks (MLflow's) read the logs
+    callbacks = [*make_callbacks(train, paths.model), *extra_callbacks]
+    class_weight = (
+        balanced_class_weight(train_split.labels, len(CLASSES))
+        if train.class_weight == "balanced"
+        else None
+    )
+    if train.bn_recalibration_batches:
+        fixed_batches = (
+            train_split.images.shuffle(
+                train_split.count, seed=train.seed, reshuffle_each_iteration=False
+            )
+            .map(lambda image, label: image)
+            .batch(train.batch_size)
+        )
+        callbacks.append(RecalibrateBatchNorm(fixed_batches, train.bn_recalibration_batches, steps))
+    started = time.perf_counter()
+    fit = model.fit(
+        training_input(train_split, train.batch_size, train.seed, train.augmentation),
+        steps_per_epoch=steps,
+        epochs=train.epochs,
+        validation_data=evaluation_input(val_split, train.batch_size),
+        class_weight=class_weight,
+        callbacks=callbacks,
+        shuffle=False,  # the input shuffles itself, with the seed
+        verbose=1 if is_terminal() else 2,
+    )
+    return fit, time.perf_counter() - started
+
+
 def run(params: Params, paths: Paths, extra_callbacks: list | None = None) -> TrainResult:
     """Train `model.arch` with `train.*` and write the model and the training reports."""
     # Keras and TensorFlow, here and in these modules: imported once the params are good
     import keras
 
-    from pipeline.callbacks import RecalibrateBatchNorm
-    from pipeline.dataset import evaluation_input, load_split, steps_per_epoch, training_input
-    from pipeline.models import build_model
+    from pipeline.dataset import load_split, steps_per_epoch
 
     train = params.train
     make_deterministic(train.seed)
@@ -190,48 +242,12 @@ def run(params: Params, paths: Paths, extra_callbacks: list | None = None) -> Tr
             val_split.count,
             len(CLASSES),
         )
-        model = build_model(params.model, (size, size, 1), len(CLASSES))
         steps = steps_per_epoch(train_split.count, train.batch_size, train.steps_per_epoch)
-        model.compile(
-            optimizer=make_optimizer(train, steps),
-            loss=keras.losses.CategoricalCrossentropy(label_smoothing=train.label_smoothing),
-            metrics=["accuracy"],
-        )
-        paths.models.mkdir(parents=True, exist_ok=True)
-        summary = model_summary_text(model)
-        write_text_atomic(paths.model_summary, summary)
-
-        # the schedule's callback logs each epoch's rate as `learning_rate`, before the
-        # extra callbacks (MLflow's) read the logs
-        callbacks = [*make_callbacks(train, paths.model), *(extra_callbacks or [])]
-        class_weight = (
-            balanced_class_weight(train_split.labels, len(CLASSES))
-            if train.class_weight == "balanced"
-            else None
-        )
-        if train.bn_recalibration_batches:
-            fixed_batches = (
-                train_split.images.shuffle(
-                    train_split.count, seed=train.seed, reshuffle_each_iteration=False
-                )
-                .map(lambda image, label: image)
-                .batch(train.batch_size)
+        # the model's, the optimizer's and the metrics' variables are made in the scope
+        with distribution_scope(train.distribution):
+            fit, seconds = fit_model(
+                params, paths, train_split, val_split, steps, extra_callbacks or []
             )
-            callbacks.append(
-                RecalibrateBatchNorm(fixed_batches, train.bn_recalibration_batches, steps)
-            )
-        started = time.perf_counter()
-        fit = model.fit(
-            training_input(train_split, train.batch_size, train.seed, train.augmentation),
-            steps_per_epoch=steps,
-            epochs=train.epochs,
-            validation_data=evaluation_input(val_split, train.batch_size),
-            class_weight=class_weight,
-            callbacks=callbacks,
-            shuffle=False,  # the input shuffles itself, with the seed
-            verbose=1 if is_terminal() else 2,
-        )
-        seconds = time.perf_counter() - started
         temperature = 1.0
         if train.temperature_scaling:
             temperature = fitted_temperature(paths.model, val_split, train.batch_size)

@@ -141,11 +141,9 @@ def stop_process_group(process: subprocess.Popen) -> None:
         process.wait(timeout=30)
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
-    """URI of an `mlflow server` on loopback with a SQLite store and proxied artifacts."""
-    folder = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
+def start_mlflow_server(folder: Path, port: int) -> subprocess.Popen:
+    """`mlflow server` on loopback with the SQLite store and proxied artifacts in `folder`
+    (kept, so a restart finds its runs), once it answers; it leads its process group."""
     log_file = folder / "server.log"
     command = [
         sys.executable, "-m", "mlflow", "server",
@@ -153,7 +151,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
         "--artifacts-destination", str(folder / "artifacts"),
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
     ]  # fmt: skip
-    with log_file.open("wb") as log:
+    with log_file.open("ab") as log:
         process = subprocess.Popen(
             command,
             stdout=log,
@@ -164,6 +162,18 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
         )
     try:
         wait_for_http(f"http://127.0.0.1:{port}/health", process, 120, log_file)
+    except BaseException:
+        stop_process_group(process)
+        raise
+    return process
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
+    """URI of an `mlflow server` on loopback with a SQLite store and proxied artifacts."""
+    port = free_port()
+    process = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"), port)
+    try:
         yield f"http://127.0.0.1:{port}"
     finally:
         stop_process_group(process)

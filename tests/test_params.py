@@ -136,6 +136,18 @@ BAD = {
         "is empty",
         "set data.directory to a folder",
     ),
+    "unknown distribution": (
+        {"train.distribution": "multi_worker"},
+        "train.distribution",
+        "'multi_worker'",
+        "one of 'none', 'mirrored'",
+    ),
+    "ema with mirrored": (
+        {"train.distribution": "mirrored", "train.ema_momentum": 0.99},
+        "train.ema_momentum",
+        "0.99",
+        "set train.ema_momentum to 0.0, or train.distribution to none",
+    ),
     "bad kaggle slug": (
         {"data.kaggle_dataset": "fer2013"},
         "data.kaggle_dataset",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import signal
@@ -16,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from conftest import (
@@ -23,6 +25,7 @@ from conftest import (
     ROOT,
     free_port,
     git,
+    start_mlflow_server,
     stop_process_group,
     subprocess_env,
     tiny_params,
@@ -377,6 +380,251 @@ def test_an_unreachable_tracking_server_fails_fast_before_training(tiny_project:
         assert words in done.stderr
     assert "Found" not in done.stderr  # the data was never loaded
     assert not tiny_project.models.exists()
+
+
+def train_past_the_first_epoch(
+    root: Path, params, uri: str, **env: str
+) -> tuple[subprocess.Popen, str, Path]:
+    """`python -m pipeline.train` tracking to `uri`, once its first epoch is logged; the
+    process, its run id and its log file."""
+    from mlflow import MlflowClient
+
+    write_params(root / "params.yaml", params)
+    client = MlflowClient(uri)
+    log_file = root / "train.log"
+    with log_file.open("wb") as log:
+        training = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.train"],
+            cwd=root,
+            env=subprocess_env(MLFLOW_TRACKING_URI=uri, **env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and training.poll() is None:
+        found = client.get_experiment_by_name(params.mlflow.experiment)
+        runs = client.search_runs([found.experiment_id]) if found else []
+        if runs and client.get_metric_history(runs[0].info.run_id, "loss"):
+            return training, runs[0].info.run_id, log_file  # epoch 2 has begun
+        time.sleep(0.2)
+    training.kill()
+    training.wait()
+    pytest.fail("no epoch logged:\n" + log_file.read_text(errors="replace")[-3000:])
+
+
+def crash(server: subprocess.Popen) -> None:
+    """SIGKILL to the server and its worker: a crash, not a shutdown."""
+    os.killpg(server.pid, signal.SIGKILL)
+    server.wait(timeout=30)
+
+
+EIGHT_EPOCHS = {"train.epochs": 8, "train.early_stopping.enabled": False}
+
+
+@pytest.mark.slow
+def test_a_server_restarted_during_training_still_gets_a_finished_run_with_every_epoch(
+    tiny_project: Paths, tmp_path: Path
+) -> None:
+    from mlflow import MlflowClient
+
+    folder, port = tmp_path / "server", free_port()
+    folder.mkdir()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_mlflow_server(folder, port)
+    training, run_id, log_file = train_past_the_first_epoch(
+        tiny_project.root, tiny_params(**EIGHT_EPOCHS), uri
+    )
+    try:
+        crash(server)
+        time.sleep(3)  # the training meets a closed port, and retries
+        assert training.poll() is None, "the training ended before the server came back"
+        server = start_mlflow_server(folder, port)
+        returncode = training.wait(timeout=600)
+    finally:
+        if training.poll() is None:
+            training.kill()
+            training.wait()
+        stop_process_group(server)
+        server = start_mlflow_server(folder, port)  # to read what the run holds
+
+    try:
+        output = log_file.read_text(errors="replace")
+        assert returncode == 0, output[-3000:]
+        # the outage was met: an epoch's metrics were refused, and retried (MLflow's client)
+        retried = [line for line in output.splitlines() if "Retrying" in line]
+        assert any("Connection refused" in line and "runs/log-batch" in line for line in retried)
+        client = MlflowClient(uri)
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED"
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy", "lr"):
+            steps = [m.step for m in client.get_metric_history(run_id, key)]
+            assert sorted(steps) == list(range(1, 9)), key
+        assert "models/model.h5" in {f.path for f in client.list_artifacts(run_id, "models")}
+        assert json.loads(tiny_project.run_info.read_text())["run_id"] == run_id
+    finally:
+        stop_process_group(server)
+
+
+@pytest.mark.slow
+def test_a_server_gone_for_good_leaves_the_trained_model_and_names_the_run(
+    tiny_project: Paths, tmp_path: Path
+) -> None:
+    folder, port = tmp_path / "server", free_port()
+    folder.mkdir()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_mlflow_server(folder, port)
+    # one quick retry instead of MLflow's minutes of them
+    short = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0"}
+    training, run_id, log_file = train_past_the_first_epoch(
+        tiny_project.root, tiny_params(**EIGHT_EPOCHS), uri, **short
+    )
+    try:
+        crash(server)
+        returncode = training.wait(timeout=600)
+    finally:
+        if training.poll() is None:
+            training.kill()
+            training.wait()
+        stop_process_group(server)
+
+    output = log_file.read_text(errors="replace")
+    assert returncode == 1, output[-3000:]
+    error = next(line for line in output.splitlines() if "train ERROR" in line)
+    assert f"the MLflow store {uri} failed (Connection refused): " in error
+    assert f"run {run_id} lacks epochs " in error
+    assert "of its curves, and its summary metrics, model and reports" in error
+    assert "The training itself is whole" in error
+    assert "Traceback" not in output
+    # every epoch trained, and the checkpoint and the history are there
+    history = pd.read_csv(tiny_project.history)
+    assert history["epoch"].tolist() == list(range(1, 9))
+    assert tiny_project.model.is_file()
+    assert not tiny_project.run_info.exists()  # no run for evaluate to reopen
+
+
+# ---------------------------------------------------------------- a store at another schema
+
+
+_MAKE_STORE = (
+    "import sys; from mlflow import MlflowClient; MlflowClient(sys.argv[1]).search_experiments()"
+)
+NEWER = "f00dfeed1234"  # a schema version no MLflow release has
+
+
+def store_at_schema(path: Path, change: str) -> tuple[str, str]:
+    """A real SQLite store made by this MLflow, then moved off its schema version with
+    MLflow's own alembic scripts; (its URI, the version it is left at).
+
+    `downgrade`: MLflow's downgrade of its newest migration. `stamp`: the version of
+    the one before, the tables as they are (a store an older MLflow wrote, when no
+    migration since added a table). `unknown`: a version this MLflow does not know, as a
+    newer MLflow writes.
+    """
+    import sqlalchemy
+    from alembic import command
+    from alembic.script import ScriptDirectory
+    from mlflow.store.db.utils import _get_alembic_config
+
+    uri = f"sqlite:///{path}"
+    # made in another process: this one would keep MLflow's verified store for the URI
+    subprocess.run(
+        [sys.executable, "-c", _MAKE_STORE, uri], env=subprocess_env(), check=True, timeout=120
+    )
+    config = _get_alembic_config(uri)
+    head = ScriptDirectory.from_config(config).get_current_head()
+    older = ScriptDirectory.from_config(config).get_revision(head).down_revision
+    if change == "downgrade":
+        command.downgrade(config, older)
+        return uri, older
+    if change == "stamp":
+        command.stamp(config, older)
+        return uri, older
+    engine = sqlalchemy.create_engine(uri)
+    with engine.begin() as connection:
+        connection.execute(sqlalchemy.text(f"UPDATE alembic_version SET version_num = '{NEWER}'"))
+    engine.dispose()
+    return uri, NEWER
+
+
+def schema_version(uri: str) -> str:
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(uri)
+    with engine.connect() as connection:
+        version = connection.execute(sqlalchemy.text("SELECT version_num FROM alembic_version"))
+        found = version.scalar_one()
+    engine.dispose()
+    return found
+
+
+def test_a_store_at_an_older_schema_stops_the_stage_with_the_upgrade_command(
+    tiny_project: Paths,
+) -> None:
+    root = tiny_project.root
+    (root / ".dvc").mkdir()
+    write_params(root / "params.yaml", tiny_params())
+    uri, version = store_at_schema(root / "mlflow.db", "stamp")
+
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.train"],
+        cwd=root,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    assert done.returncode == 1, done.stderr
+    # today MLflow's own words end in "run 'mlflow db upgrade <database_uri>'", cut short
+    error = next(line for line in done.stderr.splitlines() if "train ERROR" in line)
+    assert error.endswith(
+        f"train ERROR: the MLflow store {uri} has an older schema (version {version}) than "
+        f"MLflow {mlflow_version()} needs ({schema_version_of_this_mlflow()}): back it up, "
+        f"then run mlflow db upgrade {uri}"
+    )
+    assert "Found" not in done.stderr  # the data was never loaded
+    assert not tiny_project.models.exists()
+    assert schema_version(uri) == version  # and the store is as it was
+
+
+def mlflow_version() -> str:
+    import mlflow
+
+    return mlflow.__version__
+
+
+def schema_version_of_this_mlflow() -> str:
+    from alembic.script import ScriptDirectory
+    from mlflow.store.db.utils import _get_alembic_config
+
+    return ScriptDirectory.from_config(_get_alembic_config("")).get_current_head()
+
+
+def test_a_store_a_newer_mlflow_wrote_says_so(tmp_path: Path) -> None:
+    uri, version = store_at_schema(tmp_path / "mlflow.db", "unknown")
+    with pytest.raises(tracking.TrackingError) as caught:
+        tracking.check_reachable(uri, tmp_path)
+    assert str(caught.value) == (
+        f"the MLflow store {uri} has a newer schema (version {version}) than MLflow "
+        f"{mlflow_version()} knows (up to {schema_version_of_this_mlflow()}): a newer MLflow "
+        "wrote it. Install that MLflow version here, or track elsewhere (MLFLOW_TRACKING_URI)"
+    )
+
+
+def test_a_store_missing_a_newer_table_is_upgraded_by_mlflow_itself(tmp_path: Path) -> None:
+    # MLflow 3.17 runs its migrations when one of its tables is missing, and its newest
+    # migration adds two (scheduler_leases, job_locks): a store an older MLflow left at an
+    # older schema is migrated on first use, and the stage goes on
+    uri, version = store_at_schema(tmp_path / "mlflow.db", "downgrade")
+    assert version != schema_version_of_this_mlflow()
+    tracking.check_reachable(uri, tmp_path)
+    assert schema_version(uri) == schema_version_of_this_mlflow()
+
+
+def test_a_password_in_a_database_uri_is_not_shown() -> None:
+    uri = "postgresql+psycopg2://mlflow:s3cret@db.example:5432/mlflow"
+    assert tracking._shown(uri) == "postgresql+psycopg2://mlflow:***@db.example:5432/mlflow"
+    assert tracking._shown("sqlite:////srv/mlflow.db") == "sqlite:////srv/mlflow.db"
 
 
 # ---------------------------------------------------------------- the project's own store
