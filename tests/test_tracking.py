@@ -48,6 +48,8 @@ TRAINING_ARTIFACTS = {
 EVALUATION_ARTIFACTS = {
     "reports/classification_report.txt",
     "reports/figures/confusion_matrix.png",
+    "reports/figures/confusion_matrix_test.png",
+    "reports/figures/reliability.png",
 }
 
 
