@@ -58,13 +58,18 @@ def expected_calibration_error(
     labels: np.ndarray, probabilities: np.ndarray, bins: int = BINS
 ) -> float:
     """Σ over bins of (faces in bin / faces) · |accuracy − mean confidence|."""
-    total = len(labels)
+    return calibration_error(reliability(labels, probabilities, bins))
+
+
+def calibration_error(bins: list[dict[str, float]]) -> float:
+    """The expected calibration error of bins that `reliability` made."""
+    total = sum(row["count"] for row in bins)
     if total == 0:
         return 0.0
     return float(
         sum(
             row["count"] / total * abs(row["accuracy"] - row["confidence"])
-            for row in reliability(labels, probabilities, bins)
+            for row in bins
             if row["count"]
         )
     )

@@ -14,7 +14,12 @@ from pathlib import Path
 
 from pipeline import CLASSES, tracking
 from pipeline.atomic import write_json_atomic, write_text_atomic
-from pipeline.calibration import apply_temperature, expected_calibration_error, reliability
+from pipeline.calibration import (
+    apply_temperature,
+    calibration_error,
+    expected_calibration_error,
+    reliability,
+)
 from pipeline.cli import run_stage
 from pipeline.figures import plot_confusion, plot_message, plot_reliability
 from pipeline.inference import load_model, predict_probabilities
@@ -47,14 +52,14 @@ def score_split(model, folder: Path, params: Params, temperature: float):
     )
     probabilities = apply_temperature(raw, temperature)
     metrics, matrix, text, frame = compute_metrics(split.labels, probabilities)
+    bins = reliability(split.labels, probabilities)
     metrics = {
         **{k: v for k, v in metrics.items() if k != "per_class"},
-        "ece": expected_calibration_error(split.labels, probabilities),
+        "ece": calibration_error(bins),
         "ece_uncalibrated": expected_calibration_error(split.labels, raw),
         "per_class": metrics["per_class"],
     }
     rows = confusion_rows(split.labels, probabilities.argmax(1))
-    bins = reliability(split.labels, probabilities)
     return metrics, matrix, text, frame.to_csv(float_format="%.6g"), rows, bins
 
 

@@ -16,6 +16,7 @@ of the last experiment, which DVC applies to the workspace): they would join the
 from __future__ import annotations
 
 import argparse
+import itertools
 import shlex
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.params import ParamsError, load_params
+from pipeline.params import ParamsError, load_params, read_raw_params
 from pipeline.paths import PARAMS_FILE
 
 RECIPES_DIR = Path("recipes")
@@ -142,7 +143,7 @@ def leaking_changes(params_file: Path, covered: set[str]) -> dict[str, tuple[Any
     head = committed_params(params_file)
     if head is None:
         return {}
-    workspace = _flatten(yaml.safe_load(params_file.read_text(encoding="utf-8")) or {})
+    workspace = _flatten(read_raw_params(params_file))
     return {
         key: (workspace.get(key), head.get(key))
         for key in sorted(set(workspace) | set(head))
@@ -189,10 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     dvc_args = [flag for flag, on in (("--queue", args.queue), ("--temp", args.temp)) if on]
     try:
         dvc = command(args.name, args.overrides, dvc_args, experiment=args.experiment)
-        covered = set(load_recipe(args.name)) | set(parse_overrides(args.overrides))
     except RecipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    covered = {pair.partition("=")[0] for flag, pair in itertools.pairwise(dvc) if flag == "-S"}
     leaks = leaking_changes(PARAMS_FILE, covered)
     if leaks:
         listed = "; ".join(f"{k}: {w!r} (HEAD: {h!r})" for k, (w, h) in leaks.items())
