@@ -261,7 +261,7 @@ def write_y4m(path: Path, rgb: np.ndarray) -> Path:
 
 
 @contextmanager
-def fer_demo(model: Path, folder: Path) -> Iterator[str]:
+def fer_demo(model: Path | str, folder: Path, **env: str) -> Iterator[str]:
     """The `fer-demo` console script on a free loopback port, once it answers; stopped after."""
     port = free_port()
     log_file = folder / "fer-demo.log"
@@ -272,7 +272,7 @@ def fer_demo(model: Path, folder: Path) -> Iterator[str]:
             [str(part) for part in command],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=subprocess_env(),
+            env=subprocess_env(**env),
             start_new_session=True,
         )
     try:
@@ -281,6 +281,36 @@ def fer_demo(model: Path, folder: Path) -> Iterator[str]:
         yield base
     finally:
         stop_process_group(process)
+
+
+@pytest.mark.slow
+def test_a_registered_model_is_served_by_its_alias(
+    tmp_path: Path, model_path: Path, predictor: Predictor, photos: dict[str, Path]
+) -> None:
+    import mlflow
+
+    from pipeline.serving import log_pyfunc_model
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(store)
+    try:
+        experiment = mlflow.create_experiment("demo", artifact_location=str(tmp_path / "runs"))
+        with mlflow.start_run(experiment_id=experiment):
+            logged = log_pyfunc_model(model_path, registered_model_name="fer")
+        mlflow.MlflowClient().set_registered_model_alias(
+            "fer", "champion", logged.registered_model_version
+        )
+    finally:
+        mlflow.set_tracking_uri(None)
+
+    with fer_demo("models:/fer@champion", tmp_path, MLFLOW_TRACKING_URI=store) as base:
+        with urllib.request.urlopen(f"{base}/api/info", timeout=10) as response:
+            assert json.loads(response.read())["model"] == "models:/fer@champion"
+        status, answer = post(base, photos["astronaut"].read_bytes())
+    assert status == 200
+    _, probabilities = expected_faces(predictor, photos["astronaut"])
+    [face] = answer["faces"]
+    np.testing.assert_allclose(list(face["probabilities"].values()), probabilities[0], atol=1e-6)
 
 
 @pytest.mark.slow
