@@ -102,6 +102,11 @@ class Result:
         return f"{self.name}: {count} face{'s' if count > 1 else ''} — {found}"
 
 
+def model_batch(crops: Sequence[np.ndarray]) -> np.ndarray:
+    """The model's input for `FaceInput.crop`s: a float32 [n, size, size, 1] batch."""
+    return np.stack(crops).astype(np.float32)[..., np.newaxis]
+
+
 class Predictor:
     """A trained model with the face preparation it was trained with."""
 
@@ -176,9 +181,8 @@ class Predictor:
         `tta`; scaled by the model's calibrated temperature, when it has one."""
         if len(crops) == 0:
             return np.zeros((0, len(self.classes)), np.float32)
-        batch = np.stack(crops).astype(np.float32)[..., np.newaxis]
         return predict_probabilities(
-            self.model, batch, self.batch_size, tta, temperature=self.info.temperature
+            self.model, model_batch(crops), self.batch_size, tta, temperature=self.info.temperature
         )
 
     def classify(self, results: Sequence[Result], tta: bool = False) -> None:
