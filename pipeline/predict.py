@@ -485,12 +485,12 @@ def make_parser() -> argparse.ArgumentParser:
 def _explain_problem(model: str) -> str | None:
     """Why `model` cannot be explained (an export without gradients), or None."""
     paths = Paths()
-    exports = {paths.onnx_model.suffix: "ONNX", paths.litert_model.suffix: "LiteRT"}
-    kind = exports.get(Path(model).suffix.lower())
-    if kind is None:
+    runtimes = {paths.onnx_model.suffix: "ONNX Runtime", paths.litert_model.suffix: "LiteRT"}
+    runtime = runtimes.get(Path(model).suffix.lower())
+    if runtime is None:
         return None
     return (
-        f"{model} is a {kind} export, which has no gradients for Grad-CAM; use the Keras "
+        f"{model} is an export for {runtime}, which has no gradients for Grad-CAM; use the Keras "
         f"model it was exported from (--model {paths.model}, or the run's "
         "runs:/<run id>/emotion_model), or leave out --explain"
     )
@@ -505,11 +505,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--camera shows a live camera; it takes no PATH")
     if args.out is not None and args.out.is_dir():
         parser.error(f"--out {args.out}: is a folder; name the file to write")
-    if args.explain and (args.annotate is None or args.camera is not None):
-        parser.error(
-            "--explain writes its heat maps beside the copies --annotate DIR writes "
-            "of files; give --annotate DIR, and files rather than --camera"
-        )
+    if args.explain and args.annotate is None:
+        parser.error("--explain needs --annotate DIR: the heat maps go beside the copies there")
+    if args.explain and args.camera is not None:
+        parser.error("--explain writes heat maps of files beside their copies, not of --camera")
     setup_logging(args.verbose)
     if not sys.stderr.isatty():  # MLflow's download progress bar, one line per update
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

@@ -352,7 +352,9 @@ def test_video_every_tenth_frame(
 ) -> None:
     folder = tmp_path / "annotated"
 
-    code, lines = cli(capsys, "--model", model_path, "--every", 10, "--annotate", folder, clip)
+    code, lines = cli(
+        capsys, "--model", model_path, "--every", 10, "--annotate", folder, "--explain", clip
+    )
 
     assert code == 0
     assert [line["frame"] for line in lines] == [0, 10, 20]
@@ -361,8 +363,11 @@ def test_video_every_tenth_frame(
         cx, cy = centre(line["box"])
         assert 40 + 80 <= cx <= 40 + 125 and 35 <= cy <= 75, line["box"]
     written = sorted(p.name for p in folder.iterdir())
-    assert written == [f"clip_frame{n:06d}.png" for n in (0, 10, 20)]
-    assert cv2.imread(str(folder / written[0])).shape == (240, 320, 3)
+    frames = [f"clip_frame{n:06d}" for n in (0, 10, 20)]
+    assert written == sorted(
+        [f"{f}.png" for f in frames] + [f"{f}_face0_gradcam.png" for f in frames]
+    )
+    assert cv2.imread(str(folder / f"{frames[0]}.png")).shape == (240, 320, 3)
 
 
 def test_out_writes_a_jsonl_file(
@@ -515,7 +520,9 @@ def test_explain_runs_one_gradient_pass_per_batch_of_faces(
 
 
 @pytest.mark.parametrize(
-    ("name", "kind"), [("model.onnx", "ONNX"), ("model.tflite", "LiteRT")], ids=["onnx", "litert"]
+    ("name", "kind"),
+    [("model.onnx", "ONNX Runtime"), ("model.tflite", "LiteRT")],
+    ids=["onnx", "litert"],
 )
 def test_explain_refuses_an_exported_model_before_any_work(
     capsys: pytest.CaptureFixture,
@@ -536,7 +543,10 @@ def test_explain_refuses_an_exported_model_before_any_work(
     assert code == 2
     assert capsys.readouterr().out == "" and not folder.exists()
     [message] = caplog.messages
-    assert message.startswith("--explain: ") and f"is a {kind} export" in message
+    assert (
+        message.startswith("--explain: ")
+        and f"is an export for {kind}, which has no gradients" in message
+    )
     assert "--model models/model.h5" in message
 
 
