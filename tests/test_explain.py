@@ -41,13 +41,13 @@ def outside(region: tuple[slice, slice], by: int = 3) -> np.ndarray:
     return mask
 
 
-def patch_model(crop: int = 0) -> keras.Model:
+def patch_model(crop: int = 0, weight: float = 10.0, softmax: bool = True) -> keras.Model:
     """Class 0 is "bright pixels", class 1 "dark pixels", on a mid-gray face, by hand.
 
     A 1×1 convolution gives two channels, relu(x - 0.6) and relu(0.4 - x) on x in [0, 1],
     both 0 on gray; max pooling halves them; each class sums one channel (GAP and a
-    Dense with weights 10). So Grad-CAM of class 0 is the bright patch and of class 1 the
-    dark one, wherever they are."""
+    Dense with `weight`s; its logits are the output without `softmax`). So Grad-CAM of
+    class 0 is the bright patch and of class 1 the dark one, wherever they are."""
     inputs = keras.Input((SIDE, SIDE, 1))
     x = inputs
     if crop:
@@ -57,10 +57,10 @@ def patch_model(crop: int = 0) -> keras.Model:
     detect = layers.Conv2D(2, 1, activation="relu", name="detect")
     x = layers.MaxPooling2D(2)(detect(x))
     x = layers.GlobalAveragePooling2D()(x)
-    decide = layers.Dense(2, activation="softmax", name="decide")
+    decide = layers.Dense(2, activation="softmax" if softmax else None, name="decide")
     model = keras.Model(inputs, decide(x))
     detect.set_weights([np.array([[[[1.0, -1.0]]]]), np.array([-0.6, 0.4])])
-    decide.set_weights([np.array([[10.0, 0.0], [0.0, 10.0]]), np.zeros(2)])
+    decide.set_weights([np.array([[weight, 0.0], [0.0, weight]]), np.zeros(2)])
     return model
 
 
@@ -83,6 +83,21 @@ def test_each_class_lights_up_the_patch_that_drives_it(policy: str) -> None:
         assert heat.min() >= 0 and heat.max() == pytest.approx(1.0), index
         assert heat[core(region)].min() > 0.8, index
         assert heat[outside(region)].max() < 0.05, index
+
+
+def test_a_sure_face_is_explained_by_its_logits() -> None:
+    """A face the model is sure of (probability 1.0 in float32) leaves its probability no
+    gradient; the logit before the softmax has one, the same as a model outputting it."""
+    faces = np.stack([faces_with((TOP_RIGHT, BRIGHT)), faces_with((BOTTOM_LEFT, DARK))])
+    sure = patch_model(weight=1e4)
+    assert (sure.predict_on_batch(faces).max(axis=1) == 1.0).all()
+
+    from_softmax = heat_maps(sure, faces)
+    from_logits = heat_maps(patch_model(weight=1e4, softmax=False), faces)
+
+    np.testing.assert_allclose(from_softmax, from_logits, atol=1e-6)
+    assert from_softmax[0][core(TOP_RIGHT)].min() > 0.8
+    assert from_softmax[1][core(BOTTOM_LEFT)].min() > 0.8
 
 
 def test_a_cropping_model_gets_heat_only_where_it_looks() -> None:
