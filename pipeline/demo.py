@@ -1,5 +1,6 @@
 """`fer-demo`: a web page where a person drops a photo or takes one with the webcam and sees
-every face boxed and labelled, with its seven probabilities as bars.
+every face boxed and labelled, with its seven probabilities as bars and, on request, a
+heat map of where the model looked (`explain.heat_maps`, Grad-CAM).
 
     fer-demo                                    # models/model.h5 on http://127.0.0.1:8000
     fer-demo --model models/model.onnx --port 8080
@@ -12,17 +13,22 @@ JSON API of their own:
 
     curl --data-binary @photo.jpg http://127.0.0.1:8000/api/predict
 
-- `GET /api/info`: the model, its classes, the detector and the upload limit in bytes.
+- `GET /api/info`: the model, its classes, the detector, the upload limit in bytes, and
+  whether heat maps can be had (`heat_maps`; if not, `heat_maps_problem` says why).
 - `POST /api/predict`: 200 with `{"width", "height", "faces": [{"box", "angle", "label",
   "confidence", "probabilities"}]}`, faces largest first, boxes in the picture's pixels
-  (EXIF orientation applied, as browsers show it); 400 with the reason in `detail` for a
-  body that is no picture; 413 for one above `--max-upload-mb`, refused from its
-  Content-Length (or as soon as the stream passes the limit), before anything is decoded.
+  (EXIF orientation applied, as browsers show it); with `?heat_map=true` each face also
+  has `heat_map`, a PNG data URL of the crop the model saw with the Grad-CAM map of its
+  label painted over it. 400 with the reason in `detail` for a body that is no picture
+  (or heat maps asked of an ONNX model); 413 for a body above `--max-upload-mb`, refused
+  from its Content-Length (or as soon as the stream passes the limit), before anything is
+  decoded.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import logging
 import os
 import sys
@@ -31,6 +37,7 @@ from importlib import resources
 from pathlib import Path
 
 import cv2
+import numpy as np
 import uvicorn
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
@@ -38,16 +45,17 @@ from fastapi.responses import HTMLResponse
 
 from pipeline.detectors import CHOICES, DetectorUnavailable, describe
 from pipeline.imageops import ImageError, decode_image
-from pipeline.inference import ONNX_SUFFIX
+from pipeline.inference import ONNX_SUFFIX, OnnxModel
 from pipeline.logs import VERBOSE_VARIABLE, import_tensorflow, setup_logging
 from pipeline.paths import Paths
-from pipeline.predictor import ModelError, Predictor, load_predictor
+from pipeline.predictor import FaceInput, ModelError, Predictor, load_predictor, model_batch
 
 log = logging.getLogger(__name__)
 
 PAGE = "demo.html"
 MEGABYTE = 1_000_000
 DEFAULT_MAX_UPLOAD_BYTES = 10 * MEGABYTE
+HEAT_MAP_SCALE = 4  # screen pixels per model-input pixel: a 48-pixel face is hard to see
 
 
 def _too_big(size: int | None, limit: int) -> HTTPException:
@@ -77,36 +85,79 @@ async def read_upload(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def heat_maps_problem(predictor: Predictor) -> str | None:
+    """Why the faces of this model get no heat maps, or None when they do."""
+    if isinstance(predictor.model, OnnxModel):
+        return (
+            "heat maps need the model's gradients, which its ONNX export has not; start "
+            "fer-demo with the Keras model it was exported from (--model models/model.h5)"
+        )
+    # here: it imports TensorFlow, which the demo of an ONNX model starts without
+    from pipeline.explain import feature_layer
+
+    try:
+        feature_layer(predictor.model)
+    except ValueError as exc:  # no convolution, so no feature map to weigh
+        return str(exc)
+    return None
+
+
+def png_data_url(rgb: np.ndarray) -> str:
+    ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise ValueError("OpenCV cannot encode PNG")
+    return "data:image/png;base64," + base64.b64encode(encoded.tobytes()).decode("ascii")
+
+
 class Analyser:
     """The predictor behind the page. Requests run in a thread pool; the detector and the
     model look at one picture at a time."""
 
     def __init__(self, predictor: Predictor) -> None:
         self.predictor = predictor
+        self.heat_maps_problem = heat_maps_problem(predictor)
         self._lock = threading.Lock()
 
-    def analyse(self, data: bytes) -> dict:
-        """The faces of an encoded picture; `ImageError` when it cannot be decoded."""
+    def heat_map_pictures(self, faces: list[FaceInput], labels: np.ndarray) -> list[np.ndarray]:
+        """Per face, an RGB picture of the crop the model saw, enlarged, with the Grad-CAM
+        heat map of its label painted over it."""
+        # here: it imports TensorFlow, which the demo of an ONNX model starts without
+        from pipeline.explain import heat_maps, overlay
+
+        if not faces:
+            return []
+        heats = heat_maps(self.predictor.model, model_batch([f.crop for f in faces]), labels)
+        scale = HEAT_MAP_SCALE
+        enlarged = [
+            cv2.resize(face.crop, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+            for face in faces
+        ]
+        return [overlay(face, heat) for face, heat in zip(enlarged, heats, strict=True)]
+
+    def analyse(self, data: bytes, heat_map: bool = False) -> dict:
+        """The faces of an encoded picture, with their heat maps if asked; `ImageError`
+        when it cannot be decoded."""
         gray = decode_image(data, "upload")
         with self._lock:
             faces = self.predictor.face_inputs(gray)
             probabilities = self.predictor.probabilities([face.crop for face in faces])
+            labels = probabilities.argmax(axis=1)
+            pictures = self.heat_map_pictures(faces, labels) if heat_map else None
         classes = self.predictor.classes
         height, width = gray.shape
-        return {
-            "width": width,
-            "height": height,
-            "faces": [
-                {
-                    "box": list(face.box),
-                    "angle": None if face.angle is None else round(face.angle, 2),
-                    "label": classes[int(row.argmax())],
-                    "confidence": float(row.max()),
-                    "probabilities": dict(zip(classes, map(float, row), strict=True)),
-                }
-                for face, row in zip(faces, probabilities, strict=True)
-            ],
-        }
+        answer = {"width": width, "height": height, "faces": []}
+        for index, (face, row) in enumerate(zip(faces, probabilities, strict=True)):
+            record = {
+                "box": list(face.box),
+                "angle": None if face.angle is None else round(face.angle, 2),
+                "label": classes[labels[index]],
+                "confidence": float(row.max()),
+                "probabilities": dict(zip(classes, map(float, row), strict=True)),
+            }
+            if pictures is not None:
+                record["heat_map"] = png_data_url(pictures[index])
+            answer["faces"].append(record)
+        return answer
 
 
 def build_app(
@@ -120,6 +171,8 @@ def build_app(
         "classes": list(predictor.classes),
         "detector": describe(predictor.detector),
         "max_upload_bytes": max_upload_bytes,
+        "heat_maps": analyser.heat_maps_problem is None,
+        "heat_maps_problem": analyser.heat_maps_problem,
     }
     app = FastAPI(title="fer-demo", docs_url=None, redoc_url=None)
 
@@ -132,10 +185,12 @@ def build_app(
         return info
 
     @app.post("/api/predict")
-    async def predict(request: Request) -> dict:
+    async def predict(request: Request, heat_map: bool = False) -> dict:
+        if heat_map and analyser.heat_maps_problem:
+            raise HTTPException(400, analyser.heat_maps_problem)
         data = await read_upload(request, max_upload_bytes)
         try:
-            return await run_in_threadpool(analyser.analyse, data)
+            return await run_in_threadpool(analyser.analyse, data, heat_map)
         except ImageError as exc:
             raise HTTPException(400, str(exc)) from None
         except (ValueError, cv2.error) as exc:  # as fer-predict reports them

@@ -1,8 +1,9 @@
 """`fer-demo`: its JSON API on a real server on loopback (a face photo answered exactly as
-`Predictor` answers it, unreadable uploads with a message, an upload above the limit
-refused before it is read), the ONNX export served alike, and the page itself in Debian's
-headless Chromium: a photo uploaded, its label shown, a webcam picture taken, a screenshot
-saved.
+`Predictor` answers it, its heat map on request as `explain` draws it, unreadable uploads
+with a message, an upload above the limit refused before it is read), the ONNX export and
+a registered model served alike, and the page itself in Debian's headless Chromium: a
+photo uploaded, its label shown, its heat map asked for, a webcam picture taken, a
+screenshot saved.
 
 The model is the seed CNN with its initial weights, as in test_predict: its plumbing
 matters here, not its quality.
@@ -10,6 +11,7 @@ matters here, not its quality.
 
 from __future__ import annotations
 
+import base64
 import http.client
 import importlib.util
 import json
@@ -45,7 +47,7 @@ from skimage import data
 from pipeline import CLASSES
 from pipeline.imageops import read_image
 from pipeline.params import load_params
-from pipeline.predictor import Predictor, load_predictor
+from pipeline.predictor import Predictor, load_predictor, model_batch
 
 try:  # the demo extra: `make test` installs it
     import uvicorn
@@ -110,8 +112,8 @@ def server(predictor: Predictor, model_path: Path) -> Iterator[str]:
         yield base
 
 
-def post(base: str, body: bytes) -> tuple[int, dict]:
-    request = urllib.request.Request(f"{base}/api/predict", data=body, method="POST")
+def post(base: str, body: bytes, query: str = "") -> tuple[int, dict]:
+    request = urllib.request.Request(f"{base}/api/predict{query}", data=body, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, json.loads(response.read())
@@ -135,6 +137,40 @@ def test_a_face_photo_gets_the_predictors_label_and_seven_probabilities(
     np.testing.assert_allclose(list(face["probabilities"].values()), probabilities[0], atol=1e-6)
     assert face["label"] == CLASSES[int(probabilities[0].argmax())]
     assert face["confidence"] == pytest.approx(float(probabilities[0].max()), abs=1e-6)
+    assert "heat_map" not in face  # only on request
+
+
+def test_heat_maps_on_request_are_the_faces_with_their_grad_cam(
+    server: str, predictor: Predictor, photos: dict[str, Path]
+) -> None:
+    from pipeline.explain import heat_maps, overlay
+
+    status, answer = post(server, photos["astronaut"].read_bytes(), "?heat_map=true")
+
+    assert status == 200
+    [face] = answer["faces"]
+    prefix = "data:image/png;base64,"
+    assert face["heat_map"].startswith(prefix)
+    png = np.frombuffer(base64.b64decode(face["heat_map"].removeprefix(prefix)), np.uint8)
+    shown = cv2.cvtColor(cv2.imdecode(png, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    [expected], probabilities = expected_faces(predictor, photos["astronaut"])
+    [heat] = heat_maps(predictor.model, model_batch([expected.crop]), probabilities.argmax(1))
+    scale = demo.HEAT_MAP_SCALE
+    enlarged = cv2.resize(expected.crop, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+    assert shown.shape == (48 * scale, 48 * scale, 3)
+    np.testing.assert_allclose(shown, overlay(enlarged, heat), atol=1)
+    assert face["label"] == CLASSES[int(probabilities[0].argmax())]
+
+
+def test_a_model_without_a_convolution_offers_no_heat_maps(predictor: Predictor) -> None:
+    import keras
+
+    dense = keras.Sequential(
+        [keras.Input((48, 48, 1)), keras.layers.Flatten(), keras.layers.Dense(7, "softmax")]
+    )
+    problem = demo.heat_maps_problem(Predictor(dense, predictor.info))
+    assert "no convolutional layer" in problem
+    assert demo.heat_maps_problem(predictor) is None
 
 
 def test_a_picture_without_a_face_has_no_faces(server: str, photos: dict[str, Path]) -> None:
@@ -206,6 +242,7 @@ def test_info_and_the_page(server: str, model_path: Path) -> None:
     assert info["classes"] == list(CLASSES)
     assert info["model"] == str(model_path) and info["max_upload_bytes"] == LIMIT
     assert info["detector"].startswith(("yunet", "haar", "mtcnn"))
+    assert info["heat_maps"] is True and info["heat_maps_problem"] is None
     with urllib.request.urlopen(server, timeout=10) as response:
         page = response.read().decode()
     assert response.headers["content-type"].startswith("text/html")
@@ -236,6 +273,11 @@ def test_the_onnx_export_is_served_like_the_keras_model(
     from_onnx = load_predictor(onnx_path)
     with serving(demo.build_app(from_onnx, str(onnx_path), LIMIT)) as base:
         status, answer = post(base, photos["astronaut"].read_bytes())
+        with urllib.request.urlopen(f"{base}/api/info", timeout=10) as response:
+            info = json.loads(response.read())
+        heat_status, refusal = post(base, photos["astronaut"].read_bytes(), "?heat_map=true")
+    assert info["heat_maps"] is False and "ONNX export" in info["heat_maps_problem"]
+    assert heat_status == 400 and refusal["detail"] == info["heat_maps_problem"]
     assert status == 200
     faces, probabilities = expected_faces(predictor, photos["astronaut"])
     [face] = answer["faces"]
@@ -355,6 +397,14 @@ def test_the_page_in_chromium_shows_the_label_of_an_uploaded_face(
             assert [bar.get_attribute("data-class") for bar in bars] == list(CLASSES)
             top = card.find_element(By.CSS_SELECTOR, ".bar.top .value").text
             assert top == f"{probabilities[0].max():.2f}"
+            assert not card.find_elements(By.CLASS_NAME, "heat-map")
+
+            driver.find_element(By.ID, "heat-map").click()  # the same photo again, explained
+            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#faces .heat-map"))
+            heat = driver.find_element(By.CSS_SELECTOR, "#faces .heat-map")
+            side = str(48 * demo.HEAT_MAP_SCALE)
+            wait.until(lambda d: heat.get_attribute("naturalWidth") == side)  # decoded
+            assert driver.find_element(By.CLASS_NAME, "face-label").text == expected
             shot = tmp_path / "fer-demo.png"
             assert driver.save_screenshot(str(shot))
             print(f"screenshot: {shot}")
