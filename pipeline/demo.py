@@ -48,14 +48,13 @@ from pipeline.imageops import ImageError, decode_image
 from pipeline.inference import ONNX_SUFFIX, OnnxModel
 from pipeline.logs import VERBOSE_VARIABLE, import_tensorflow, setup_logging
 from pipeline.paths import Paths
-from pipeline.predictor import FaceInput, ModelError, Predictor, load_predictor, model_batch
+from pipeline.predictor import ModelError, Predictor, load_predictor
 
 log = logging.getLogger(__name__)
 
 PAGE = "demo.html"
 MEGABYTE = 1_000_000
 DEFAULT_MAX_UPLOAD_BYTES = 10 * MEGABYTE
-HEAT_MAP_SCALE = 4  # screen pixels per model-input pixel: a 48-pixel face is hard to see
 
 
 def _too_big(size: int | None, limit: int) -> HTTPException:
@@ -118,22 +117,6 @@ class Analyser:
         self.heat_maps_problem = heat_maps_problem(predictor)
         self._lock = threading.Lock()
 
-    def heat_map_pictures(self, faces: list[FaceInput], labels: np.ndarray) -> list[np.ndarray]:
-        """Per face, an RGB picture of the crop the model saw, enlarged, with the Grad-CAM
-        heat map of its label painted over it."""
-        # here: it imports TensorFlow, which the demo of an ONNX model starts without
-        from pipeline.explain import heat_maps, overlay
-
-        if not faces:
-            return []
-        heats = heat_maps(self.predictor.model, model_batch([f.crop for f in faces]), labels)
-        scale = HEAT_MAP_SCALE
-        enlarged = [
-            cv2.resize(face.crop, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
-            for face in faces
-        ]
-        return [overlay(face, heat) for face, heat in zip(enlarged, heats, strict=True)]
-
     def analyse(self, data: bytes, heat_map: bool = False) -> dict:
         """The faces of an encoded picture, with their heat maps if asked; `ImageError`
         when it cannot be decoded."""
@@ -142,7 +125,11 @@ class Analyser:
             faces = self.predictor.face_inputs(gray)
             probabilities = self.predictor.probabilities([face.crop for face in faces])
             labels = probabilities.argmax(axis=1)
-            pictures = self.heat_map_pictures(faces, labels) if heat_map else None
+            pictures = (
+                self.predictor.heat_map_pictures([face.crop for face in faces], labels)
+                if heat_map
+                else None
+            )
         classes = self.predictor.classes
         height, width = gray.shape
         answer = {"width": width, "height": height, "faces": []}

@@ -40,14 +40,13 @@ from pipeline.imageops import IMAGE_SUFFIXES, ImageError, read_image
 from pipeline.inference import ONNX_SUFFIX
 from pipeline.logs import VERBOSE_VARIABLE, import_tensorflow, setup_logging
 from pipeline.paths import Paths
-from pipeline.predictor import ModelError, Predictor, Result, load_predictor, model_batch
+from pipeline.predictor import ModelError, Predictor, Result, load_predictor
 
 log = logging.getLogger(__name__)
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm"})
 _JPEG_QUALITY = 95
 HEAT_MAP_SUFFIX = "_gradcam.png"  # photo.jpg's face 0: photo_face0_gradcam.png
-_HEAT_MAP_SCALE = 4  # screen pixels per model-input pixel: a 48-pixel face is hard to see
 
 
 # --- inputs -----------------------------------------------------------------------------------
@@ -194,28 +193,11 @@ def _write_picture(target: Path, bgr: np.ndarray) -> None:
 
 
 def explain_faces(predictor: Predictor, results: Sequence[Result]) -> list[list[np.ndarray]]:
-    """Per result, per face: an RGB picture of the crop the model saw, enlarged, with the
-    Grad-CAM heat map of the label it was given painted over it; `predictor.batch_size`
-    faces to a gradient pass."""
-    # here: it imports TensorFlow, which --help and ONNX models do without
-    from pipeline.explain import heat_maps, overlay
-
+    """Per result, per face: the crop the model saw with the Grad-CAM heat map of the label
+    it was given (`Predictor.heat_map_pictures`)."""
     faces = [face for result in results for face in result.faces]
     labels = [int(row.argmax()) for r in results if r.faces for row in r.probabilities]
-    pictures = []
-    for start in range(0, len(faces), predictor.batch_size):
-        chunk = faces[start : start + predictor.batch_size]
-        heats = heat_maps(
-            predictor.model,
-            model_batch([face.crop for face in chunk]),
-            np.array(labels[start : start + len(chunk)]),
-        )
-        for face, heat in zip(chunk, heats, strict=True):
-            scale = _HEAT_MAP_SCALE
-            enlarged = cv2.resize(
-                face.crop, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST
-            )
-            pictures.append(overlay(enlarged, heat))
+    pictures = predictor.heat_map_pictures([face.crop for face in faces], np.array(labels))
     per_result, start = [], 0
     for result in results:
         per_result.append(pictures[start : start + len(result.faces)])

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from pipeline.detectors import Detector, detector_for
@@ -28,6 +29,7 @@ from pipeline.modelmeta import ATTRIBUTE, ModelInfo, decode_info, read_model_inf
 # the model file inside a model logged by `serving.log_pyfunc_model`: Keras or its ONNX export
 MODEL_FILES = ("model.h5", "model" + ONNX_SUFFIX)
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # runs:/, models:/, s3://; not C:/
+HEAT_MAP_SCALE = 4  # screen pixels per model-input pixel: a 48-pixel face is hard to see
 
 
 class ModelError(ValueError):
@@ -185,6 +187,30 @@ class Predictor:
         return predict_probabilities(
             self.model, model_batch(crops), self.batch_size, tta, temperature=self.info.temperature
         )
+
+    def heat_map_pictures(
+        self, crops: Sequence[np.ndarray], labels: np.ndarray
+    ) -> list[np.ndarray]:
+        """Per crop, an RGB picture of it enlarged `HEAT_MAP_SCALE` times with the Grad-CAM
+        heat map of its label (`explain.heat_maps`) painted over it; `batch_size` crops to
+        a gradient pass."""
+        # here: it imports TensorFlow, which ONNX models and --help do without
+        from pipeline.explain import heat_maps, overlay
+
+        pictures = []
+        for start in range(0, len(crops), self.batch_size):
+            chunk = crops[start : start + self.batch_size]
+            heats = heat_maps(self.model, model_batch(chunk), labels[start : start + len(chunk)])
+            for crop, heat in zip(chunk, heats, strict=True):
+                enlarged = cv2.resize(
+                    crop,
+                    None,
+                    fx=HEAT_MAP_SCALE,
+                    fy=HEAT_MAP_SCALE,
+                    interpolation=cv2.INTER_NEAREST,
+                )
+                pictures.append(overlay(enlarged, heat))
+        return pictures
 
     def classify(self, results: Sequence[Result], tta: bool = False) -> None:
         """Fill in the probabilities of every face of `results`, in one batched pass."""

@@ -47,7 +47,7 @@ from skimage import data
 from pipeline import CLASSES
 from pipeline.imageops import read_image
 from pipeline.params import load_params
-from pipeline.predictor import Predictor, load_predictor, model_batch
+from pipeline.predictor import HEAT_MAP_SCALE, Predictor, load_predictor, model_batch
 
 try:  # the demo extra: `make test` installs it
     import uvicorn
@@ -155,7 +155,7 @@ def test_heat_maps_on_request_are_the_faces_with_their_grad_cam(
     shown = cv2.cvtColor(cv2.imdecode(png, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
     [expected], probabilities = expected_faces(predictor, photos["astronaut"])
     [heat] = heat_maps(predictor.model, model_batch([expected.crop]), probabilities.argmax(1))
-    scale = demo.HEAT_MAP_SCALE
+    scale = HEAT_MAP_SCALE
     enlarged = cv2.resize(expected.crop, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
     assert shown.shape == (48 * scale, 48 * scale, 3)
     np.testing.assert_allclose(shown, overlay(enlarged, heat), atol=1)
@@ -402,7 +402,7 @@ def test_the_page_in_chromium_shows_the_label_of_an_uploaded_face(
             driver.find_element(By.ID, "heat-map").click()  # the same photo again, explained
             wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#faces .heat-map"))
             heat = driver.find_element(By.CSS_SELECTOR, "#faces .heat-map")
-            side = str(48 * demo.HEAT_MAP_SCALE)
+            side = str(48 * HEAT_MAP_SCALE)
             wait.until(lambda d: heat.get_attribute("naturalWidth") == side)  # decoded
             assert driver.find_element(By.CLASS_NAME, "face-label").text == expected
             shot = tmp_path / "fer-demo.png"
