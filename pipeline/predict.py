@@ -7,11 +7,17 @@ classified together, `--batch-size` at a time.
 Output is one JSON line per face (and one per picture or frame without a face,
 or that could not be read):
 
-    {"input": "photo.jpg", "frame": null, "faces": 1, "face": 0, "box": [x, y, w, h],
-     "angle": 2.5, "label": "happy", "probabilities": {"angry": 0.01, ...}, "error": null}
+    {"input": "photo.jpg", "frame": null, "faces": 1, "face": 0, "track": null,
+     "box": [x, y, w, h], "angle": 2.5, "label": "happy",
+     "probabilities": {"angry": 0.01, ...}, "error": null}
 
-`frame` is the frame index for videos; `angle` the tilt the face was levelled
-by (null with `--no-detect`). A picture without a face gives `"faces": 0` and
+`frame` is the frame index for videos; `track` a video face's track id (the
+same id on every frame the face was followed through; null for photos);
+`angle` the tilt the face was levelled by (null with `--no-detect`).
+In a video or from the camera the full detection runs on every
+`--redetect-every`-th frame looked at (and when a followed face is lost); on the
+frames between, each face is followed by the upright detector in a small square
+around it (`facetrack.FaceTracker`). A picture without a face gives `"faces": 0` and
 nulls; one that cannot be read gives `"error": "..."`. Exit status: 0, 1 when
 any input failed, 2 for a usage error (bad option, unusable model, no window).
 """
@@ -33,6 +39,7 @@ import numpy as np
 
 from pipeline.atomic import write_bytes_atomic, write_text_atomic
 from pipeline.detectors import CHOICES, DetectorUnavailable, describe
+from pipeline.facetrack import REDETECT_EVERY, FaceTracker
 from pipeline.imageops import IMAGE_SUFFIXES, ImageError, read_image
 from pipeline.inference import ONNX_SUFFIX
 from pipeline.logs import VERBOSE_VARIABLE, import_tensorflow, setup_logging
@@ -248,10 +255,14 @@ def run(
     report: Report,
     detect: bool = True,
     tta: bool = False,
+    redetect_every: int = REDETECT_EVERY,
 ) -> None:
     """Find the faces of every frame, classify them `predictor.batch_size` at a time across
-    frames, and report each frame's result in input order."""
+    frames, and report each frame's result in input order. A video's frames are followed
+    by one tracker (`Predictor.tracker`), a new one for each video."""
     pending: list[tuple[Frame, Result]] = []
+    tracker: FaceTracker | None = None
+    last: tuple[str, int] | None = None  # the video frame the tracker saw last
 
     def flush() -> None:
         predictor.classify([result for _, result in pending], tta)
@@ -262,11 +273,19 @@ def run(
     waiting_faces = 0
     for frame in frames:
         result = Result(frame.input, frame.frame, error=frame.error)
+        follows = last is not None and last[0] == frame.input and last[1] < (frame.frame or 0)
+        if frame.frame is None or not detect:
+            tracker, last = None, None
+        elif tracker is None or not follows:
+            tracker = predictor.tracker(redetect_every)
         if frame.error is None:
             try:
-                result.faces = predictor.face_inputs(frame.gray, detect)
+                result.faces = predictor.face_inputs(frame.gray, detect, tracker)
+                if tracker is not None:
+                    last = (frame.input, frame.frame)
             except (ValueError, cv2.error) as exc:
                 result.error = f"cannot prepare the picture ({exc})"
+                tracker, last = None, None
         pending.append((frame, result))
         waiting_faces += len(result.faces)
         if waiting_faces >= predictor.batch_size or len(pending) >= predictor.batch_size:
@@ -294,12 +313,19 @@ def gui_problem() -> str | None:
 
 
 def run_camera(
-    predictor: Predictor, index: int, every: int, report: Report, detect: bool, tta: bool
+    predictor: Predictor,
+    index: int,
+    every: int,
+    report: Report,
+    detect: bool,
+    tta: bool,
+    redetect_every: int = REDETECT_EVERY,
 ) -> bool:
     """Show camera `index` live with its faces labelled until q or Esc; False if it won't open."""
     capture = cv2.VideoCapture(index)
     if not capture.isOpened():
         return False
+    tracker = predictor.tracker(redetect_every) if detect else None
     window = f"fer-predict: camera {index} (q to quit)"
     last = Result(f"camera:{index}")
     try:
@@ -310,7 +336,7 @@ def run_camera(
                 break
             if n % every == 0:
                 gray = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
-                last = Result(f"camera:{index}", n, predictor.face_inputs(gray, detect))
+                last = Result(f"camera:{index}", n, predictor.face_inputs(gray, detect, tracker))
                 predictor.classify([last], tta)
                 report.add(None, last)
             cv2.imshow(window, draw_result(bgr, last, predictor.classes))
@@ -402,6 +428,16 @@ def make_parser() -> argparse.ArgumentParser:
         "(default: as the model was trained)",
     )
     parser.add_argument(
+        "--redetect-every",
+        type=_positive,
+        default=REDETECT_EVERY,
+        metavar="K",
+        help="video and camera: run the full face detection (with the tilt search) on every "
+        "K-th frame looked at, and when a face is lost; on the frames between, follow each "
+        "face with the upright detector in a small square around it, turned by its tilt. "
+        "1 detects on every frame (default: %(default)s)",
+    )
+    parser.add_argument(
         "--tta", action="store_true", help="average predictions over flips and shifted crops"
     )
     parser.add_argument(
@@ -449,7 +485,9 @@ def main(argv: list[str] | None = None) -> int:
     annotator = Annotator(args.annotate) if args.annotate else None
     report = Report(predictor.classes, args.out, annotator, summary=sys.stderr.isatty())
     if args.camera is not None:
-        opened = run_camera(predictor, args.camera, args.every, report, detect, args.tta)
+        opened = run_camera(
+            predictor, args.camera, args.every, report, detect, args.tta, args.redetect_every
+        )
         report.close()
         if not opened:
             log.error("camera %d cannot be opened", args.camera)
@@ -457,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     frames = iter_frames(args.inputs, args.every, annotate=annotator is not None)
     try:
-        run(predictor, frames, report, detect, args.tta)
+        run(predictor, frames, report, detect, args.tta, args.redetect_every)
     except BrokenPipeError:  # the reader went away (`fer-predict … | head`)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

@@ -39,6 +39,19 @@ from pipeline.sample import draw_image
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = load_params(ROOT / "params.yaml")
 TILT = 20.0
+# a JSON line's keys, in order: "track" was added, the others are as they always were
+KEYS = [
+    "input",
+    "frame",
+    "faces",
+    "face",
+    "track",
+    "box",
+    "angle",
+    "label",
+    "probabilities",
+    "error",
+]
 
 
 def save_rgb(path: Path, rgb: np.ndarray) -> Path:
@@ -135,6 +148,7 @@ def test_astronaut_face_gets_seven_probabilities(
 
     assert code == 0
     [line] = lines
+    assert list(line) == KEYS and line["track"] is None
     assert line["input"] == str(photos["astronaut"]) and line["frame"] is None
     assert line["faces"] == 1 and line["face"] == 0 and line["error"] is None
     # her face spans about x 178-270, y 69-161 (tests/test_faces.py)
@@ -192,6 +206,7 @@ def test_pictures_without_a_face_say_so(
     for line in lines:
         assert line["faces"] == 0 and line["error"] is None
         assert line["label"] is None and line["probabilities"] is None and line["box"] is None
+        assert list(line) == KEYS and line["track"] is None
     assert f"{photos['brick']}: no face found" in err
     assert f"{photos['rocket']}: no face found" in err
 
@@ -363,6 +378,26 @@ def test_video_every_tenth_frame(
     assert cv2.imread(str(folder / written[0])).shape == (240, 320, 3)
 
 
+def test_video_faces_are_followed_with_one_track_id(
+    capsys: pytest.CaptureFixture, model_path: Path, predictor: Predictor, clip: Path
+) -> None:
+    code, followed = cli(capsys, "--model", model_path, "--every", 1, "--redetect-every", 10, clip)
+    assert code == 0
+    assert [line["frame"] for line in followed] == list(range(30))
+    assert all(list(line) == KEYS for line in followed)
+    assert all(line["faces"] == 1 and line["track"] == 0 for line in followed), followed
+
+    # detecting on every frame gives the detector's own boxes, as before there were tracks
+    code, detected = cli(capsys, "--model", model_path, "--every", 1, "--redetect-every", 1, clip)
+    grays = [frame.gray for frame in iter_frames([clip], every=1)]
+    assert [line["box"] for line in detected] == [
+        list(predictor.detector.detect(gray)[0].box) for gray in grays
+    ]
+    assert all(line["track"] == 0 for line in detected)
+    for mine, theirs in zip(followed, detected, strict=True):
+        assert np.hypot(*np.subtract(centre(mine["box"]), centre(theirs["box"]))) < 10
+
+
 def test_out_writes_a_jsonl_file(
     capsys: pytest.CaptureFixture, tmp_path: Path, model_path: Path, photos: dict[str, Path]
 ) -> None:
@@ -441,7 +476,13 @@ def test_an_unusable_model_is_a_usage_error(
 
 @pytest.mark.parametrize(
     "argv",
-    [[], ["--every", "0", "x.jpg"], ["--camera", "0", "x.jpg"], ["--out", ".", "x.jpg"]],
+    [
+        [],
+        ["--every", "0", "x.jpg"],
+        ["--redetect-every", "0", "x.mp4"],
+        ["--camera", "0", "x.jpg"],
+        ["--out", ".", "x.jpg"],
+    ],
     ids=str,
 )
 def test_usage_errors_exit_2(argv: list[str]) -> None:
