@@ -5,12 +5,14 @@ look around each known face in between.
 part: three upright passes, on the frame and on two turned copies) on the first frame,
 on every `redetect_every`-th frame after it, and on any frame where a face it follows
 is lost. On the frames between, each followed face is looked for by the upright
-detector alone in a small square cut around where the face should be and turned by
-the face's last tilt, so a face tilted by 45° stands upright in it (and, if it is not
-found there, turned `RETRY_TURN` further either way); what is found is mapped back into
-the frame (`detectors._face_back`, as the tilt search maps its copies) and levelled by
-the detector's own `level`. A face is lost when its square holds no face of about its
-size near its centre, or when its centre has left the frame.
+detector alone in a small square (`REGION` face sizes, at the frame's own scale) around
+where the face should be, turned by the face's last tilt, so a face tilted by 45°
+stands upright in it (and, if it is not found there, turned `RETRY_TURN` further either
+way); what is found is mapped back into the frame (`detectors._face_back`, as the tilt
+search maps its copies) and levelled by the detector's own `level`. A face is lost when
+its square holds no face of about its size near its centre, or when its centre has
+left the frame. A followed face that a full search misses is looked for in its square
+too, and followed on if it is there: the detector's misses on one frame do not end it.
 
 Each followed face keeps a track id, 0, 1, 2, … in the order faces were first found;
 a face found by a full search takes the id of the followed face it overlaps most
@@ -31,8 +33,10 @@ from pipeline.detectors import Detector, TiltedSearch, _face_back, suppress_over
 from pipeline.faces import Face, check_gray
 
 REDETECT_EVERY = 10  # frames between full searches, unless the caller says otherwise
-REGION = 2.5  # side of the square looked in, in face sizes
-REGION_SIDE = 160  # pixels the square is scaled to: the same cost for any face size
+REGION = 2.0  # side of the square looked in, in face sizes
+# … at the frame's own scale (YuNet finds some faces at the size the full search saw
+# them only), shrunk to at most this many pixels for a large face
+REGION_MAX_SIDE = 320
 # degrees the square is turned further either way when the face is not in it: a tilt
 # levelled from YuNet's landmarks alone can be 20° short (detectors.YuNetDetector)
 RETRY_TURN = 20.0
@@ -80,6 +84,9 @@ def _upright(detector: Detector) -> Detector:
 
 class FaceTracker:
     """The faces of one video's frames, passed in order to `update`; one per video.
+    `redetect_every` counts the video's frames, not the calls: a caller that looks at
+    every N-th frame only passes each frame's index, and with N ≥ `redetect_every` every
+    frame it looks at gets the full search.
 
     `full_searches` and `region_searches` count the detector's runs on whole frames and
     on the squares around followed faces."""
@@ -93,26 +100,36 @@ class FaceTracker:
         self.full_searches = 0
         self.region_searches = 0
         self._followed: list[_Followed] = []
-        self._since_search: int | None = None  # frames since the last full search
         self._next_id = 0
+        self._searched: int | None = None  # the index of the frame last searched
+        self._index = -1  # the index of the last frame
 
-    def update(self, gray: np.ndarray) -> list[Track]:
-        """The faces of the next frame, largest first, each with its track id."""
+    def update(self, gray: np.ndarray, index: int | None = None) -> list[Track]:
+        """The faces of the frame with this `index` in the video (None: the one after the
+        last), largest first, each with its track id."""
         gray = check_gray(gray)
-        due = self._since_search is None or self._since_search + 1 >= self.redetect_every
-        if not due and self._follow(gray):
-            self._since_search += 1
-            return self._tracks()
-        self._search(gray)
-        self._since_search = 0
-        return self._tracks()
-
-    def _tracks(self) -> list[Track]:
+        index = self._index + 1 if index is None else index
+        if index <= self._index:
+            raise ValueError(f"frame {index} is not after frame {self._index}, the last one")
+        self._index = index
+        if self._searched is None or index - self._searched >= self.redetect_every:
+            self._search(gray, {})
+            self._searched = index
+        else:
+            looked = {old.id: self._look_around(gray, old) for old in self._followed}
+            if all(face is not None for face in looked.values()):
+                self._keep(gray, [(old, looked[old.id]) for old in self._followed])
+            else:
+                self._search(gray, looked)
+                self._searched = index
         ordered = sorted(self._followed, key=lambda f: f.face.box[2] * f.face.box[3], reverse=True)
         return [Track(f.id, f.face) for f in ordered]
 
-    def _search(self, gray: np.ndarray) -> None:
-        """The full search: its faces replace the followed ones, keeping their ids."""
+    def _search(self, gray: np.ndarray, looked: dict[int, Face | None]) -> None:
+        """The full search: its faces replace the followed ones, each taking the id of the
+        one it overlaps most. A followed face it missed stays if it is found around where
+        it was (`looked` holds what was found so far, by id), unless every frame is
+        searched: then the detector's faces are all there is."""
         self.full_searches += 1
         faces = self.detector.detect(gray)
         pairs = sorted(
@@ -140,26 +157,32 @@ class FaceTracker:
             else:
                 followed.append(_Followed(self._next_id, face))
                 self._next_id += 1
+        missed = []
+        if self.redetect_every > 1:
+            for j, old in enumerate(self._followed):
+                if j in used:
+                    continue
+                face = looked[old.id] if old.id in looked else self._look_around(gray, old)
+                if face is not None and all(_iou(face.box, f.box) < _SAME_FACE for f in faces):
+                    missed.append((old, face))
         self._followed = followed
+        self._keep(gray, missed, add=True)
 
-    def _follow(self, gray: np.ndarray) -> bool:
-        """Each followed face looked for around where it should be; False when one is
-        lost (the followed faces then stay as they were)."""
-        found = []
-        for old in self._followed:
-            face = self._look_around(gray, old)
-            if face is None:
-                return False
-            found.append((old, face))
+    def _keep(
+        self, gray: np.ndarray, found: list[tuple[_Followed, Face]], add: bool = False
+    ) -> None:
+        """Follow on with the faces found around followed ones, levelled by the detector,
+        in place of the followed faces (or beside them, with `add`); of two that came to
+        overlap, the stronger stays."""
         levelled = self.upright.level(gray, [face for _, face in found])
-        kept = {id(f) for f in suppress_overlaps(levelled)}  # two tracks onto one face
         followed = [
             _Followed(old.id, face, _step(old.face, face))
             for (old, _), face in zip(found, levelled, strict=True)
-            if id(face) in kept
         ]
-        self._followed = followed
-        return True
+        if add:
+            followed = self._followed + followed
+        kept = {id(f) for f in suppress_overlaps([f.face for f in followed])}
+        self._followed = [f for f in followed if id(f.face) in kept]
 
     def _look_around(self, gray: np.ndarray, old: _Followed) -> Face | None:
         """The face of `old` in this frame, from the upright detector on the square around
@@ -176,22 +199,19 @@ class FaceTracker:
         cx, cy = _centre(old.face)
         cx, cy = cx + old.step[0], cy + old.step[1]
         side = _side(old.face)
-        scale = REGION_SIDE / (REGION * side)
+        out = round(min(REGION * side, REGION_MAX_SIDE))
+        scale = out / (REGION * side)
         to_region = cv2.getRotationMatrix2D((cx, cy), -tilt, scale)
-        to_region[0, 2] += REGION_SIDE / 2 - cx
-        to_region[1, 2] += REGION_SIDE / 2 - cy
+        to_region[0, 2] += out / 2 - cx
+        to_region[1, 2] += out / 2 - cy
         region = cv2.warpAffine(
-            gray,
-            to_region,
-            (REGION_SIDE, REGION_SIDE),
-            flags=cv2.INTER_LINEAR,
-            borderMode=cv2.BORDER_REPLICATE,
+            gray, to_region, (out, out), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
         )
         expected = side * scale
         best, best_distance = None, math.inf
         for face in self.upright.find(region):
             fx, fy = _centre(face)
-            distance = math.hypot(fx - REGION_SIDE / 2, fy - REGION_SIDE / 2) / expected
+            distance = math.hypot(fx - out / 2, fy - out / 2) / expected
             ratio = _side(face) / expected
             plausible = distance <= _MAX_SHIFT and _SIZE_RATIO[0] <= ratio <= _SIZE_RATIO[1]
             if plausible and distance < best_distance:

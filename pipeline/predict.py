@@ -15,8 +15,8 @@ or that could not be read):
 same id on every frame the face was followed through; null for photos);
 `angle` the tilt the face was levelled by (null with `--no-detect`).
 In a video or from the camera the full detection runs on every
-`--redetect-every`-th frame looked at (and when a followed face is lost); on the
-frames between, each face is followed by the upright detector in a small square
+`--redetect-every`-th frame (and when a followed face is lost); on the frames
+looked at between, each face is followed by the upright detector in a small square
 around it (`facetrack.FaceTracker`). A picture without a face gives `"faces": 0` and
 nulls; one that cannot be read gives `"error": "..."`. Exit status: 0, 1 when
 any input failed, 2 for a usage error (bad option, unusable model, no window).
@@ -280,7 +280,7 @@ def run(
             tracker = predictor.tracker(redetect_every)
         if frame.error is None:
             try:
-                result.faces = predictor.face_inputs(frame.gray, detect, tracker)
+                result.faces = predictor.face_inputs(frame.gray, detect, tracker, frame.frame)
                 if tracker is not None:
                     last = (frame.input, frame.frame)
             except (ValueError, cv2.error) as exc:
@@ -336,7 +336,8 @@ def run_camera(
                 break
             if n % every == 0:
                 gray = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
-                last = Result(f"camera:{index}", n, predictor.face_inputs(gray, detect, tracker))
+                faces = predictor.face_inputs(gray, detect, tracker, n)
+                last = Result(f"camera:{index}", n, faces)
                 predictor.classify([last], tta)
                 report.add(None, last)
             cv2.imshow(window, draw_result(bgr, last, predictor.classes))
@@ -433,9 +434,9 @@ def make_parser() -> argparse.ArgumentParser:
         default=REDETECT_EVERY,
         metavar="K",
         help="video and camera: run the full face detection (with the tilt search) on every "
-        "K-th frame looked at, and when a face is lost; on the frames between, follow each "
-        "face with the upright detector in a small square around it, turned by its tilt. "
-        "1 detects on every frame (default: %(default)s)",
+        "K-th frame, and when a face is lost; on the frames between, follow each face with "
+        "the upright detector in a small square around it, turned by its tilt. 1, or "
+        "--every K or more, detects on every frame looked at (default: %(default)s)",
     )
     parser.add_argument(
         "--tta", action="store_true", help="average predictions over flips and shifted crops"

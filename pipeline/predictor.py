@@ -168,17 +168,21 @@ class Predictor:
 
     def tracker(self, redetect_every: int) -> FaceTracker:
         """A tracker for one video's frames, on this predictor's detector: the full
-        search every `redetect_every`-th frame (and when a face is lost)."""
+        search every `redetect_every`-th frame of the video (and when a face is lost)."""
         return FaceTracker(self.detector, redetect_every)
 
     def face_inputs(
-        self, gray: np.ndarray, detect: bool = True, tracker: FaceTracker | None = None
+        self,
+        gray: np.ndarray,
+        detect: bool = True,
+        tracker: FaceTracker | None = None,
+        frame: int | None = None,
     ) -> list[FaceInput]:
         """The faces in a grayscale picture, largest first, each made into model input.
 
         With `detect` off the whole picture is the face, as in the FER datasets. With a
-        `tracker` the picture is the next frame of its video: the tracker finds the faces
-        and gives each its track id."""
+        `tracker` the picture is frame `frame` of its video (None: the one after the last
+        it saw): the tracker finds the faces and gives each its track id."""
         params = self.info.preprocess
         if not detect:
             height, width = gray.shape
@@ -186,7 +190,7 @@ class Predictor:
         if tracker is None:
             found = [(None, face) for face in self.detector.detect(gray)]
         else:
-            found = [(track.id, track.face) for track in tracker.update(gray)]
+            found = [(track.id, track.face) for track in tracker.update(gray, frame)]
         return [
             FaceInput(
                 face.box,

@@ -127,6 +127,25 @@ def test_a_face_leaving_ends_its_track_and_one_coming_in_waits_for_the_full_sear
     assert math.dist(seen[-1][2], (300, 90)) < 12
 
 
+def test_a_face_the_full_search_misses_stays_while_it_is_found_around_where_it_was(
+    face_patch: np.ndarray, bricks: np.ndarray
+) -> None:
+    # upright YuNet finds her up to 70° (with landmarks as if she were upright past 30°),
+    # not past 75°; her square, turned with her, still holds her at 90°
+    upright = detector_for("yunet", False)
+    tracker = FaceTracker(upright, redetect_every=5)
+    frames = 30
+    for t in range(frames):
+        tilt = 90.0 * t / (frames - 1)
+        frame = compose(bricks, face_patch, [(200, 150, tilt)])
+        [track] = tracker.update(frame)
+        assert track.id == 0 and math.dist(centre(track.face), (200, 150)) < 12, (t, track)
+        if t == 25:
+            assert upright.detect(frame) == [], "the full search on frame 25 finds nothing"
+    assert abs(track.face.angle - (OWN_TILT + 90)) < 10, track.face.angle
+    assert tracker.full_searches == 6
+
+
 def test_detecting_every_frame_gives_the_detectors_own_faces(
     face_patch: np.ndarray, bricks: np.ndarray
 ) -> None:
@@ -138,6 +157,23 @@ def test_detecting_every_frame_gives_the_detectors_own_faces(
         assert [track.face for track in tracks] == detector.detect(frame)
         assert [track.id for track in tracks] == [0]
     assert tracker.full_searches == 4 and tracker.region_searches == 0
+
+
+def test_redetect_every_counts_the_videos_frames_not_the_calls(
+    face_patch: np.ndarray, bricks: np.ndarray
+) -> None:
+    frame = compose(bricks, face_patch, [(200, 150, 0.0)])
+    for every, searched_on in ((3, [0, 12, 24]), (10, [0, 10, 20])):
+        tracker = FaceTracker(detector_for("yunet", True), redetect_every=10)
+        searches = []
+        for index in range(0, 30, every):
+            before = tracker.full_searches
+            assert [track.id for track in tracker.update(frame, index)] == [0]
+            if tracker.full_searches > before:
+                searches.append(index)
+        assert searches == searched_on, every
+    with pytest.raises(ValueError, match="frame 20 is not after frame 20, the last one"):
+        tracker.update(frame, 20)
 
 
 def test_redetect_every_must_be_positive() -> None:
