@@ -32,7 +32,7 @@ install: $(STAMP)  ## create .venv and install the project with its dev tools
 repro: install  ## run the whole pipeline (dvc repro) as params.yaml says
 	$(RUN) dvc repro
 
-test: $(TEAM_STAMP)  ## lint and the import contract, then the whole test suite (team extra included)
+test: $(TEAM_STAMP)  ## lint and the import contract, then the whole test suite (team and demo extras included)
 	$(RUN) ruff check .
 	$(RUN) ruff format --check .
 	$(RUN) lint-imports
@@ -55,8 +55,9 @@ bench: install  ## print the speed table (preprocess, train, evaluate, predict)
 
 # The team stack (README: "Working as a team") needs the `team` extra on top; STACK_DIR
 # moves its folder (default .stack/), the ports come from `python -m pipeline.stack --help`.
+# `make test` installs it, and the `demo` extra (fer-demo) beside it, for their tests.
 $(TEAM_STAMP): $(STAMP)
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[$(TF),dev,team]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[$(TF),dev,team,demo]"
 	touch $@
 
 stack-up: $(TEAM_STAMP)  ## start PostgreSQL, SeaweedFS and the MLflow server (.stack/)

@@ -167,7 +167,7 @@ def measure_video(
     made.clear()
     report = Report(predictor.classes, out=clip.with_suffix(".jsonl"))  # kept, not written
     started, cpu_started = time.perf_counter(), time.process_time()
-    run(predictor, iter_frames([clip], 1), report, True, False, redetect_every)
+    run(predictor, iter_frames([clip], 1), report, True, False, redetect_every=redetect_every)
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     del predictor.tracker
     return {

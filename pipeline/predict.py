@@ -20,6 +20,9 @@ looked at between, each face is followed by the upright detector in a small squa
 around it (`facetrack.FaceTracker`). A picture without a face gives `"faces": 0` and
 nulls; one that cannot be read gives `"error": "..."`. Exit status: 0, 1 when
 any input failed, 2 for a usage error (bad option, unusable model, no window).
+
+With `--annotate DIR` a copy of each picture with its boxes and labels goes below DIR;
+`--explain` adds a Grad-CAM heat map of each face beside it (`explain.heat_maps`).
 """
 
 from __future__ import annotations
@@ -44,12 +47,14 @@ from pipeline.imageops import IMAGE_SUFFIXES, ImageError, read_image
 from pipeline.inference import ONNX_SUFFIX
 from pipeline.logs import VERBOSE_VARIABLE, import_tensorflow, setup_logging
 from pipeline.paths import Paths
-from pipeline.predictor import ModelError, Predictor, Result, load_predictor
+from pipeline.predictor import ModelError, Predictor, Result, load_predictor, model_batch
 
 log = logging.getLogger(__name__)
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm"})
 _JPEG_QUALITY = 95
+HEAT_MAP_SUFFIX = "_gradcam.png"  # photo.jpg's face 0: photo_face0_gradcam.png
+_HEAT_MAP_SCALE = 4  # screen pixels per model-input pixel: a 48-pixel face is hard to see
 
 
 # --- inputs -----------------------------------------------------------------------------------
@@ -186,8 +191,48 @@ def draw_result(picture: np.ndarray, result: Result, classes: Sequence[str]) -> 
     return out
 
 
+def _write_picture(target: Path, bgr: np.ndarray) -> None:
+    suffix = target.suffix.lower()
+    options = [cv2.IMWRITE_JPEG_QUALITY, _JPEG_QUALITY] if suffix in (".jpg", ".jpeg") else []
+    ok, encoded = cv2.imencode(suffix, bgr, options)
+    if not ok:
+        raise OSError(f"{target}: OpenCV cannot encode {target.suffix} images")
+    write_bytes_atomic(target, encoded.tobytes())
+
+
+def explain_faces(predictor: Predictor, results: Sequence[Result]) -> list[list[np.ndarray]]:
+    """Per result, per face: an RGB picture of the crop the model saw, enlarged, with the
+    Grad-CAM heat map of the label it was given painted over it; `predictor.batch_size`
+    faces to a gradient pass."""
+    # here: it imports TensorFlow, which --help and ONNX models do without
+    from pipeline.explain import heat_maps, overlay
+
+    faces = [face for result in results for face in result.faces]
+    labels = [int(row.argmax()) for r in results if r.faces for row in r.probabilities]
+    pictures = []
+    for start in range(0, len(faces), predictor.batch_size):
+        chunk = faces[start : start + predictor.batch_size]
+        heats = heat_maps(
+            predictor.model,
+            model_batch([face.crop for face in chunk]),
+            np.array(labels[start : start + len(chunk)]),
+        )
+        for face, heat in zip(chunk, heats, strict=True):
+            scale = _HEAT_MAP_SCALE
+            enlarged = cv2.resize(
+                face.crop, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST
+            )
+            pictures.append(overlay(enlarged, heat))
+    per_result, start = [], 0
+    for result in results:
+        per_result.append(pictures[start : start + len(result.faces)])
+        start += len(result.faces)
+    return per_result
+
+
 class Annotator:
-    """Writes annotated copies below one folder, never two to the same name."""
+    """Writes annotated copies (and heat maps beside them) below one folder, never two to
+    the same name."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
@@ -203,15 +248,21 @@ class Annotator:
         self._used.add(target)
         return target
 
-    def write(self, frame: Frame, result: Result, classes: Sequence[str]) -> Path:
+    def write(
+        self,
+        frame: Frame,
+        result: Result,
+        classes: Sequence[str],
+        heat_maps: Sequence[np.ndarray] = (),
+    ) -> Path:
+        """The annotated copy, and each face's RGB `heat_maps` picture beside it as
+        `<copy's stem>_face<N>_gradcam.png`; the copy's path."""
         target = self._target(frame.annotate_as)
-        drawn = draw_result(frame.picture, result, classes)
-        suffix = target.suffix.lower()
-        options = [cv2.IMWRITE_JPEG_QUALITY, _JPEG_QUALITY] if suffix in (".jpg", ".jpeg") else []
-        ok, encoded = cv2.imencode(suffix, drawn, options)
-        if not ok:
-            raise OSError(f"{target}: OpenCV cannot encode {target.suffix} images")
-        write_bytes_atomic(target, encoded.tobytes())
+        _write_picture(target, draw_result(frame.picture, result, classes))
+        copy = target.relative_to(self.folder)
+        for index, picture in enumerate(heat_maps):
+            name = copy.with_name(f"{copy.stem}_face{index}{HEAT_MAP_SUFFIX}")
+            _write_picture(self._target(name), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
         return target
 
 
@@ -226,7 +277,9 @@ class Report:
     failed: int = 0
     lines: list[str] = field(default_factory=list)  # kept for `out`, written by close()
 
-    def add(self, frame: Frame | None, result: Result) -> None:
+    def add(
+        self, frame: Frame | None, result: Result, heat_maps: Sequence[np.ndarray] = ()
+    ) -> None:
         lines = [json.dumps(r, ensure_ascii=False) for r in result.records(self.classes)]
         if self.out is None:
             print("\n".join(lines), flush=True)
@@ -239,10 +292,11 @@ class Report:
             print(result.summary(self.classes), file=sys.stderr)
         if self.annotator and frame is not None and frame.picture is not None:
             try:
-                self.annotator.write(frame, result, self.classes)
+                self.annotator.write(frame, result, self.classes, heat_maps)
             except OSError as exc:
                 self.failed += 1
-                log.error("%s: cannot write its annotated copy (%s)", result.name, exc)
+                what = "annotated copy or heat maps" if heat_maps else "annotated copy"
+                log.error("%s: cannot write its %s (%s)", result.name, what, exc)
 
     def close(self) -> None:
         if self.out is not None:
@@ -255,19 +309,23 @@ def run(
     report: Report,
     detect: bool = True,
     tta: bool = False,
+    explain: bool = False,
     redetect_every: int = REDETECT_EVERY,
 ) -> None:
     """Find the faces of every frame, classify them `predictor.batch_size` at a time across
-    frames, and report each frame's result in input order. A video's frames are followed
-    by one tracker (`Predictor.tracker`), a new one for each video."""
+    frames, and report each frame's result in input order; with `explain`, with the heat
+    maps of its faces (`explain_faces`). A video's frames are followed by one tracker
+    (`Predictor.tracker`), a new one for each video."""
     pending: list[tuple[Frame, Result]] = []
     tracker: FaceTracker | None = None
     last: tuple[str, int] | None = None  # the video frame the tracker saw last
 
     def flush() -> None:
-        predictor.classify([result for _, result in pending], tta)
-        for frame, result in pending:
-            report.add(frame, result)
+        results = [result for _, result in pending]
+        predictor.classify(results, tta)
+        heat_maps = explain_faces(predictor, results) if explain else [()] * len(results)
+        for (frame, result), heat in zip(pending, heat_maps, strict=True):
+            report.add(frame, result, heat)
         pending.clear()
 
     waiting_faces = 0
@@ -398,6 +456,14 @@ def make_parser() -> argparse.ArgumentParser:
         help="write copies of the pictures (PNG for video frames) with boxes and labels here",
     )
     parser.add_argument(
+        "--explain",
+        action="store_true",
+        help="with --annotate: also a Grad-CAM heat map of each face, beside its annotated "
+        f"copy (DIR/photo_face0{HEAT_MAP_SUFFIX} beside DIR/photo.jpg): the crop the model "
+        "saw, red where it found the label; needs gradients, so a Keras model (.h5, or an "
+        "MLflow model), not ONNX or LiteRT",
+    )
+    parser.add_argument(
         "--every",
         type=_positive,
         default=10,
@@ -453,6 +519,20 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _explain_problem(model: str) -> str | None:
+    """Why `model` cannot be explained (an export without gradients), or None."""
+    paths = Paths()
+    runtimes = {paths.onnx_model.suffix: "ONNX Runtime", paths.litert_model.suffix: "LiteRT"}
+    runtime = runtimes.get(Path(model).suffix.lower())
+    if runtime is None:
+        return None
+    return (
+        f"{model} is an export for {runtime}, which has no gradients for Grad-CAM; use the Keras "
+        f"model it was exported from (--model {paths.model}, or the run's "
+        "runs:/<run id>/emotion_model), or leave out --explain"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
@@ -462,11 +542,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--camera shows a live camera; it takes no PATH")
     if args.out is not None and args.out.is_dir():
         parser.error(f"--out {args.out}: is a folder; name the file to write")
+    if args.explain and args.annotate is None:
+        parser.error("--explain needs --annotate DIR: the heat maps go beside the copies there")
+    if args.explain and args.camera is not None:
+        parser.error("--explain writes heat maps of files beside their copies, not of --camera")
     setup_logging(args.verbose)
     if not sys.stderr.isatty():  # MLflow's download progress bar, one line per update
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if args.camera is not None and (problem := gui_problem()):
         log.error("--camera: %s", problem)
+        return 2
+    if args.explain and (problem := _explain_problem(args.model)):
+        log.error("--explain: %s", problem)
         return 2
     try:
         if Path(args.model).suffix != ONNX_SUFFIX:  # an ONNX model runs without TensorFlow
@@ -475,6 +562,15 @@ def main(argv: list[str] | None = None) -> int:
     except ModelError as exc:
         log.error("%s", exc)
         return 2
+    if args.explain:
+        # here: it imports TensorFlow, which --help and ONNX models do without
+        from pipeline.explain import feature_layer
+
+        try:
+            feature_layer(predictor.model)
+        except ValueError as exc:
+            log.error("--explain: %s", exc)
+            return 2
     detect = not args.no_detect
     if detect:
         try:
@@ -496,7 +592,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     frames = iter_frames(args.inputs, args.every, annotate=annotator is not None)
     try:
-        run(predictor, frames, report, detect, args.tta, args.redetect_every)
+        run(
+            predictor,
+            frames,
+            report,
+            detect,
+            args.tta,
+            explain=args.explain,
+            redetect_every=args.redetect_every,
+        )
     except BrokenPipeError:  # the reader went away (`fer-predict … | head`)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

@@ -28,7 +28,8 @@ from pipeline.imageops import to_model_input
 from pipeline.inference import ONNX_SUFFIX, load_model, predict_probabilities
 from pipeline.modelmeta import ATTRIBUTE, ModelInfo, decode_info, read_model_info
 
-MODEL_FILE = "model.h5"  # the Keras file inside a model logged by `serving.log_pyfunc_model`
+# the model file inside a model logged by `serving.log_pyfunc_model`: Keras or its ONNX export
+MODEL_FILES = ("model.h5", "model" + ONNX_SUFFIX)
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # runs:/, models:/, s3://; not C:/
 
 
@@ -112,6 +113,11 @@ class Result:
         count = len(self.faces)
         found = ", ".join(f"{label} {p:.2f}" for label, p in self.labels(classes))
         return f"{self.name}: {count} face{'s' if count > 1 else ''} — {found}"
+
+
+def model_batch(crops: Sequence[np.ndarray]) -> np.ndarray:
+    """The model's input for `FaceInput.crop`s: a float32 [n, size, size, 1] batch."""
+    return np.stack(crops).astype(np.float32)[..., np.newaxis]
 
 
 class Predictor:
@@ -206,9 +212,8 @@ class Predictor:
         `tta`; scaled by the model's calibrated temperature, when it has one."""
         if len(crops) == 0:
             return np.zeros((0, len(self.classes)), np.float32)
-        batch = np.stack(crops).astype(np.float32)[..., np.newaxis]
         return predict_probabilities(
-            self.model, batch, self.batch_size, tta, temperature=self.info.temperature
+            self.model, model_batch(crops), self.batch_size, tta, temperature=self.info.temperature
         )
 
     def classify(self, results: Sequence[Result], tta: bool = False) -> None:
@@ -225,6 +230,13 @@ class Predictor:
 def is_model_uri(reference: str) -> bool:
     """True for an MLflow URI (`runs:/…`, `models:/…`, `s3://…`), False for a file path."""
     return bool(_URI.match(str(reference)))
+
+
+def read_info(path: Path) -> ModelInfo:
+    """The model info stamped in a `.h5` model or its ONNX export."""
+    if path.suffix == ONNX_SUFFIX:
+        return decode_info(load_model(path).metadata.get(ATTRIBUTE), path)
+    return read_model_info(path)
 
 
 def _load_model_file(path: Path, batch_size: int) -> Predictor:
@@ -248,18 +260,20 @@ def _load_model_file(path: Path, batch_size: int) -> Predictor:
 def _find_model_file(downloaded: Path, uri: str) -> Path:
     if downloaded.is_file():
         return downloaded
-    found = sorted(downloaded.rglob(MODEL_FILE))
+    found = sorted(path for name in MODEL_FILES for path in downloaded.rglob(name))
     if len(found) != 1:
         held = ", ".join(sorted(p.name for p in downloaded.iterdir())) or "nothing"
         raise ModelError(
-            f"{uri}: expected one {MODEL_FILE} in the logged model, found {len(found)} "
-            f"(it holds: {held}); log the model with pipeline.serving.log_pyfunc_model"
+            f"{uri}: expected one {' or '.join(MODEL_FILES)} in the logged model, found "
+            f"{len(found)} (it holds: {held}); log the model with "
+            "pipeline.serving.log_pyfunc_model"
         )
     return found[0]
 
 
 def load_predictor(reference: str | Path, batch_size: int = 64) -> Predictor:
-    """A model file, or an MLflow model URI whose `model.h5` artifact is downloaded."""
+    """A model file, or an MLflow model URI whose `model.h5` or `model.onnx` artifact is
+    downloaded."""
     if not is_model_uri(str(reference)):
         return _load_model_file(Path(reference), batch_size)
     # MLflow only for a URI: a model file needs none, and it costs a second of start-up

@@ -1,5 +1,9 @@
 """The model as an MLflow pyfunc, for `mlflow models serve` and `mlflow.pyfunc.load_model`.
 
+The model file inside is `model.h5` (Keras, on TensorFlow) or its export `model.onnx`
+(ONNX Runtime): the same code serves both, and the ONNX model's requirements name no
+TensorFlow, so the environment `mlflow models serve` builds for it is small.
+
 Input: a DataFrame with a column `image` holding encoded image bytes (JPEG,
 PNG, BMP, WebP). The scoring server's JSON carries them base64-encoded, and the
 logged signature types the column `binary`, so the server decodes them before
@@ -46,28 +50,34 @@ import pandas as pd
 import pipeline
 from pipeline import CLASSES
 from pipeline.imageops import ImageError, decode_image, encode_png
-from pipeline.modelmeta import read_model_info
-from pipeline.predictor import Predictor, Result, load_predictor
+from pipeline.inference import ONNX_SUFFIX
+from pipeline.predictor import Predictor, Result, load_predictor, read_info
 from pipeline.sample import draw_image
 
-MODEL_ARTIFACT = "model"  # key of the model.h5 in the logged model's artifacts
+MODEL_ARTIFACT = "model"  # key of the model file (model.h5 or model.onnx) in the artifacts
 IMAGE_COLUMN = "image"
 DETECT_COLUMN = "detect"
 
-# Distributions the served model imports, pinned to the versions this project runs with.
+# The distributions the served code imports, as `served_modules()` import them (a test
+# reads every import statement of those modules against these lists). At module level,
+# whatever the model, and cloudpickle, which wrote the logged `EmotionModel`:
 _REQUIREMENTS = (
-    "mlflow",
-    "keras",
-    "h5py",
     "numpy",
-    "onnxruntime",
     "pandas",
     "opencv-python-headless",
     "pillow",
     "pydantic",
     "pyyaml",
-    "mtcnn",  # the face detectors (pipeline.detectors)
+    "cloudpickle",
 )
+# To load the model (`inference.load_model`, `modelmeta.read_model_info`) and run its face
+# detector (`detectors`): a Keras model takes every detector, and TensorFlow under the name
+# it was installed as (tensorflow, tensorflow-cpu, …); an ONNX one only what its own
+# detector needs. `mlflow-skinny` is the MLflow that the pyfunc loader and the scoring
+# server need, without the tracking server's dependencies.
+_KERAS_REQUIREMENTS = ("mlflow", "keras", "h5py", "onnxruntime", "mtcnn")
+_ONNX_REQUIREMENTS = ("mlflow-skinny", "onnxruntime")
+_MTCNN_REQUIREMENTS = ("tensorflow", "mtcnn")  # MTCNN runs on TensorFlow
 # Required where installed: YuNet's wheel exists for Python <= 3.11 only, and without it
 # the served model's `auto` detector takes the Haar cascades.
 _OPTIONAL_REQUIREMENTS = ("yuface",)
@@ -220,14 +230,23 @@ def _input_example(picture_size: int) -> pd.DataFrame:
     return pd.DataFrame({IMAGE_COLUMN: [encode_png(face)]})
 
 
-def pip_requirements() -> list[str]:
-    """The served model's requirements, pinned to the installed versions; TensorFlow under
-    the name it was installed as (tensorflow, tensorflow-cpu, …)."""
+def pip_requirements(model_format: str = ".h5", face_detector: str = "auto") -> list[str]:
+    """The served model's requirements, pinned to the installed versions: for a Keras model
+    (`model_format` ".h5") all of them, TensorFlow included; for its ONNX export (".onnx")
+    only what that model and its `face_detector` (`detectors.CHOICES`) import, which is
+    no TensorFlow unless the detector is MTCNN."""
     distributions = importlib.metadata.packages_distributions()
-    tensorflow = distributions.get("tensorflow", ["tensorflow"])
     installed = {d for names in distributions.values() for d in names}
     optional = [name for name in _OPTIONAL_REQUIREMENTS if name in installed]
-    names = [tensorflow[0], *_REQUIREMENTS, *optional]
+    if model_format == ".h5":
+        names = ["tensorflow", *_KERAS_REQUIREMENTS, *_REQUIREMENTS, *optional]
+    elif model_format == ONNX_SUFFIX:
+        detector = {"mtcnn": list(_MTCNN_REQUIREMENTS), "haar": []}.get(face_detector, optional)
+        names = [*_ONNX_REQUIREMENTS, *_REQUIREMENTS, *detector]
+    else:
+        raise ValueError(f"model format {model_format!r}: expected .h5 or {ONNX_SUFFIX}")
+    tensorflow = distributions.get("tensorflow", ["tensorflow"])[0]
+    names = [tensorflow if name == "tensorflow" else name for name in names]
     return [f"{name}=={importlib.metadata.version(name)}" for name in names]
 
 
@@ -277,17 +296,20 @@ def log_pyfunc_model(
     artifact_path: str = "emotion_model",
     registered_model_name: str | None = None,
 ):
-    """Log `model_path` as an `EmotionModel` pyfunc into the active MLflow run.
+    """Log `model_path`, a `model.h5` or its `model.onnx` export, as an `EmotionModel`
+    pyfunc into the active MLflow run.
 
-    The model.h5 goes in as an artifact, the modules of `pipeline` it needs as code
-    (`served_modules`), with a signature, an input example and pinned pip
-    requirements. Returns MLflow's `ModelInfo`; serve it with
-    `mlflow models serve -m runs:/<run id>/<artifact_path> --env-manager local`.
+    The model file goes in as an artifact, the modules of `pipeline` it needs as code
+    (`served_modules`), with a signature, an input example and pinned pip requirements
+    (`pip_requirements`; for an ONNX model, without TensorFlow). Returns MLflow's `ModelInfo`;
+    serve it with `mlflow models serve -m runs:/<run id>/<artifact_path>`, which builds a
+    virtualenv from those requirements (`--env-manager local` uses this environment).
     """
     if mlflow.active_run() is None:
         raise RuntimeError("log_pyfunc_model logs into the active run; start one first")
-    info = read_model_info(model_path)  # refuses a model without its preprocessing stamp
+    info = read_info(model_path)  # refuses a model without its preprocessing stamp
     name_argument = "name" if int(mlflow.__version__.split(".")[0]) >= 3 else "artifact_path"
+    requirements = pip_requirements(model_path.suffix, info.preprocess.face_detector)
     with tempfile.TemporaryDirectory(prefix="fer-served-code-") as folder:
         return mlflow.pyfunc.log_model(
             **{name_argument: artifact_path},
@@ -296,6 +318,6 @@ def log_pyfunc_model(
             code_paths=[str(_packed_code(Path(folder)))],
             signature=_signature(info.classes),
             input_example=_input_example(info.preprocess.picture_size),
-            pip_requirements=pip_requirements(),
+            pip_requirements=requirements,
             registered_model_name=registered_model_name,
         )

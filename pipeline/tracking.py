@@ -73,6 +73,9 @@ EVAL_METRICS = ("accuracy", "loss", "f1_macro", "f1_weighted", "ece", "ece_uncal
 KERAS_MODEL_NAME = "keras_model"
 PYFUNC_MODEL_NAME = "emotion_model"
 ONNX_MODEL_NAME = "onnx_model"
+# the pyfunc image model on the ONNX export: serving it needs no TensorFlow. Not registered:
+# the registry's versions are trainings, gated by `promote` on the Keras model's metrics.
+ONNX_PYFUNC_MODEL_NAME = "emotion_model_onnx"
 PROBE_TIMEOUT_SECONDS = 5
 STAGE_TAG = "stage"
 # MLflow 3's UI opens an experiment without this tag on its GenAI overview (traces,
@@ -783,7 +786,8 @@ def export_run(params: Params, paths: Paths) -> Iterator[bool]:
 
 
 def log_exports(paths: Paths) -> None:
-    """The ONNX and LiteRT files and their check, and the ONNX file as an MLflow model."""
+    """The ONNX and LiteRT files and their check, and the ONNX file as two MLflow models: in
+    MLflow's ONNX flavour (tensors in, probabilities out) and as the pyfunc image model."""
     import onnx  # here: only the export stage needs it
 
     for path in (paths.onnx_model, paths.litert_model, paths.export_report):
@@ -796,6 +800,7 @@ def log_exports(paths: Paths) -> None:
         signature=infer_signature(example, session.predict_on_batch(example)),
         input_example=example,
     )
+    log_pyfunc_model(paths.onnx_model, artifact_path=ONNX_PYFUNC_MODEL_NAME)
 
 
 # ---------------------------------------------------------------- `ui`

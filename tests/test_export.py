@@ -182,12 +182,13 @@ def test_the_exports_join_the_training_run_and_the_onnx_one_is_an_mlflow_model(
     logged = {a.path for a in client.list_artifacts(run_id, "models")}
     assert {"models/model.onnx", "models/model.tflite"} <= logged
     assert {a.path for a in client.list_artifacts(run_id, "reports")} >= {"reports/export.json"}
-    (model,) = [
-        m
+    models = {
+        m.name: m
         for m in client.search_logged_models([run.info.experiment_id])
         if m.source_run_id == run_id
-    ]
-    assert model.name == "onnx_model"
+    }
+    assert models.keys() == {"onnx_model", "emotion_model_onnx"}  # the pyfunc: test_serving_onnx
+    model = models["onnx_model"]
     faces = np.full((2, 48, 48, 1), 128.0, np.float32)
     served = mlflow.pyfunc.load_model(model.model_uri).predict(faces)
     served = next(iter(served.values())) if isinstance(served, dict) else served

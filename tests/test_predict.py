@@ -29,11 +29,13 @@ from skimage import data
 
 from pipeline import CLASSES
 from pipeline.detectors import detector_for
+from pipeline.explain import heat_maps, overlay
 from pipeline.faces import align_face, default_detector
 from pipeline.imageops import MAX_PIXELS, ImageError, read_image, to_model_input
+from pipeline.modelmeta import info_for, write_model_info
 from pipeline.params import load_params
 from pipeline.predict import Report, gui_problem, iter_frames, main, run
-from pipeline.predictor import Predictor, load_predictor
+from pipeline.predictor import Predictor, load_predictor, model_batch
 from pipeline.sample import draw_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -365,7 +367,9 @@ def test_video_every_tenth_frame(
 ) -> None:
     folder = tmp_path / "annotated"
 
-    code, lines = cli(capsys, "--model", model_path, "--every", 10, "--annotate", folder, clip)
+    code, lines = cli(
+        capsys, "--model", model_path, "--every", 10, "--annotate", folder, "--explain", clip
+    )
 
     assert code == 0
     assert [line["frame"] for line in lines] == [0, 10, 20]
@@ -374,8 +378,11 @@ def test_video_every_tenth_frame(
         cx, cy = centre(line["box"])
         assert 40 + 80 <= cx <= 40 + 125 and 35 <= cy <= 75, line["box"]
     written = sorted(p.name for p in folder.iterdir())
-    assert written == [f"clip_frame{n:06d}.png" for n in (0, 10, 20)]
-    assert cv2.imread(str(folder / written[0])).shape == (240, 320, 3)
+    frames = [f"clip_frame{n:06d}" for n in (0, 10, 20)]
+    assert written == sorted(
+        [f"{f}.png" for f in frames] + [f"{f}_face0_gradcam.png" for f in frames]
+    )
+    assert cv2.imread(str(folder / f"{frames[0]}.png")).shape == (240, 320, 3)
 
 
 def test_video_faces_are_followed_with_one_track_id(
@@ -460,6 +467,142 @@ def test_tta_averages_other_views(
     assert np.abs(difference).max() > 1e-5
 
 
+def expected_heat_pictures(
+    predictor: Predictor, crops: list[np.ndarray], labels: list[str]
+) -> list[np.ndarray]:
+    """What --explain should write for a batch of faces: Grad-CAM over each crop, 4× larger
+    (a batch as the command makes it: another batch may differ in the last bits)."""
+    indices = np.array([CLASSES.index(label) for label in labels])
+    heat = heat_maps(predictor.model, model_batch(crops), indices)
+    return [
+        overlay(cv2.resize(crop, None, fx=4, fy=4, interpolation=cv2.INTER_NEAREST), one)
+        for crop, one in zip(crops, heat, strict=True)
+    ]
+
+
+def test_explain_writes_a_heat_map_of_each_face_beside_its_annotated_copy(
+    capsys: pytest.CaptureFixture,
+    tmp_path: Path,
+    model_path: Path,
+    predictor: Predictor,
+    photos: dict[str, Path],
+) -> None:
+    folder = tmp_path / "annotated"
+    again = tmp_path / "again" / "astronaut.jpg"  # same name: its copy becomes astronaut-2.jpg
+    again.parent.mkdir()
+    again.write_bytes(photos["astronaut"].read_bytes())
+    inputs = [photos["astronaut"], photos["brick"], tmp_path / "missing.jpg", again]
+
+    code, lines = cli(capsys, "--model", model_path, "--annotate", folder, "--explain", *inputs)
+
+    assert code == 1  # the missing file, with its own line; the others are done
+    assert [line["faces"] for line in lines] == [1, 0, None, 1]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "astronaut-2.jpg",
+        "astronaut-2_face0_gradcam.png",
+        "astronaut.jpg",
+        "astronaut_face0_gradcam.png",
+        "brick.png",
+    ]
+    [face] = predictor.face_inputs(read_image(photos["astronaut"]))
+    expected = expected_heat_pictures(predictor, [face.crop] * 2, [lines[0]["label"]] * 2)
+    assert (expected[0][..., 0] != expected[0][..., 2]).any()  # coloured, not the gray crop
+    for name, picture in zip(["astronaut", "astronaut-2"], expected, strict=True):
+        written = np.asarray(Image.open(folder / f"{name}_face0_gradcam.png"))
+        assert written.shape == (192, 192, 3)
+        np.testing.assert_array_equal(written, picture)
+
+
+def test_explain_runs_one_gradient_pass_per_batch_of_faces(
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    model_path: Path,
+    predictor: Predictor,
+    crops: Path,
+) -> None:
+    import pipeline.explain
+
+    batches: list[int] = []
+
+    def counting(model, faces, labels=None):
+        batches.append(len(faces))
+        return heat_maps(model, faces, labels)
+
+    monkeypatch.setattr(pipeline.explain, "heat_maps", counting)
+    folder = tmp_path / "annotated"
+
+    code, lines = cli(
+        capsys, "--model", model_path, "--no-detect", "--batch-size", 2, "--annotate", folder,
+        "--explain", crops,
+    )  # fmt: skip
+
+    assert code == 0 and batches == [2, 1]
+    written = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*_gradcam.png"))
+    assert written == [
+        "faces/0_face0_gradcam.png",
+        "faces/a/2_face0_gradcam.png",
+        "faces/b/1_face0_gradcam.png",
+    ]
+    crops = [to_model_input(read_image(Path(line["input"])), PARAMS.preprocess) for line in lines]
+    labels = [line["label"] for line in lines]
+    expected = [
+        *expected_heat_pictures(predictor, crops[:2], labels[:2]),
+        *expected_heat_pictures(predictor, crops[2:], labels[2:]),
+    ]
+    for name, picture in zip(written, expected, strict=True):
+        np.testing.assert_array_equal(np.asarray(Image.open(folder / name)), picture)
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [("model.onnx", "ONNX Runtime"), ("model.tflite", "LiteRT")],
+    ids=["onnx", "litert"],
+)
+def test_explain_refuses_an_exported_model_before_any_work(
+    capsys: pytest.CaptureFixture,
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+    photos: dict[str, Path],
+    name: str,
+    kind: str,
+) -> None:
+    """Refused by its name, before it is loaded: an export has no gradients to follow."""
+    folder = tmp_path / "annotated"
+    with caplog.at_level(logging.ERROR):
+        code = main(
+            ["--model", str(tmp_path / name), "--annotate", str(folder), "--explain",
+             str(photos["astronaut"])]
+        )  # fmt: skip
+
+    assert code == 2
+    assert capsys.readouterr().out == "" and not folder.exists()
+    [message] = caplog.messages
+    assert (
+        message.startswith("--explain: ")
+        and f"is an export for {kind}, which has no gradients" in message
+    )
+    assert "--model models/model.h5" in message
+
+
+def test_explain_refuses_a_model_without_a_convolution(
+    caplog: pytest.LogCaptureFixture, tmp_path: Path, photos: dict[str, Path]
+) -> None:
+    path = tmp_path / "dense.h5"
+    keras.Sequential(
+        [keras.Input((48, 48, 1)), keras.layers.Flatten(), keras.layers.Dense(7, "softmax")]
+    ).save(path)
+    write_model_info(path, info_for(PARAMS.preprocess, "dense"))
+    argv = ["--model", str(path), "--annotate", str(tmp_path / "out"), str(photos["astronaut"])]
+    assert main(argv) == 0  # a usable model, that Grad-CAM cannot explain
+
+    with caplog.at_level(logging.ERROR):
+        code = main([*argv, "--explain"])
+
+    assert code == 2
+    assert "--explain: model" in caplog.text and "no convolutional layer" in caplog.text
+
+
 def test_an_unusable_model_is_a_usage_error(
     caplog: pytest.LogCaptureFixture, tmp_path: Path, photos: dict[str, Path]
 ) -> None:
@@ -482,6 +625,8 @@ def test_an_unusable_model_is_a_usage_error(
         ["--redetect-every", "0", "x.mp4"],
         ["--camera", "0", "x.jpg"],
         ["--out", ".", "x.jpg"],
+        ["--explain", "x.jpg"],
+        ["--explain", "--annotate", "out", "--camera", "0"],
     ],
     ids=str,
 )
@@ -530,6 +675,32 @@ def test_mlflow_runs_uri_works_as_model(
     with caplog.at_level(logging.ERROR):
         code = main(["--model", "runs:/0123456789abcdef/emotion_model", str(photos["astronaut"])])
     assert code == 2 and "cannot download" in caplog.text
+
+
+def test_explain_works_with_an_mlflow_model(
+    capsys: pytest.CaptureFixture,
+    tmp_path: Path,
+    mlflow_store: str,
+    model_path: Path,
+    photos: dict[str, Path],
+) -> None:
+    from pipeline.serving import log_pyfunc_model
+
+    with mlflow.start_run(experiment_id=mlflow_store) as active:
+        log_pyfunc_model(model_path)
+    heat = {}
+    for where, model in [
+        ("local", model_path),
+        ("logged", f"runs:/{active.info.run_id}/emotion_model"),
+    ]:
+        folder = tmp_path / where
+        code, _ = cli(
+            capsys, "--model", model, "--annotate", folder, "--explain", photos["astronaut"]
+        )
+        assert code == 0
+        heat[where] = np.asarray(Image.open(folder / "astronaut_face0_gradcam.png"))
+
+    np.testing.assert_array_equal(heat["logged"], heat["local"])
 
 
 def test_console_script_runs(model_path: Path, photos: dict[str, Path]) -> None:
