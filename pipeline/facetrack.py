@@ -57,7 +57,7 @@ class Track:
 class _Followed:
     id: int
     face: Face
-    step: tuple[float, float] = (0.0, 0.0)  # the centre's move over the last frame
+    step: tuple[float, float] = (0.0, 0.0)  # the centre's move since the frame before
 
 
 def _centre(face: Face) -> tuple[float, float]:

@@ -318,7 +318,7 @@ def run(
     (`Predictor.tracker`), a new one for each video."""
     pending: list[tuple[Frame, Result]] = []
     tracker: FaceTracker | None = None
-    last: tuple[str, int] | None = None  # the video frame the tracker saw last
+    last: tuple[str, int] | None = None  # the video and frame the tracker saw last
 
     def flush() -> None:
         results = [result for _, result in pending]
@@ -331,11 +331,10 @@ def run(
     waiting_faces = 0
     for frame in frames:
         result = Result(frame.input, frame.frame, error=frame.error)
-        follows = last is not None and last[0] == frame.input and last[1] < (frame.frame or 0)
         if frame.frame is None or not detect:
             tracker, last = None, None
-        elif tracker is None or not follows:
-            tracker = predictor.tracker(redetect_every)
+        elif last is None or last[0] != frame.input or last[1] >= frame.frame:
+            tracker = predictor.tracker(redetect_every)  # a new video, or one read again
         if frame.error is None:
             try:
                 result.faces = predictor.face_inputs(frame.gray, detect, tracker, frame.frame)

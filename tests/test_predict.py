@@ -405,6 +405,16 @@ def test_video_faces_are_followed_with_one_track_id(
         assert np.hypot(*np.subtract(centre(mine["box"]), centre(theirs["box"]))) < 10
 
 
+def test_each_video_gets_its_own_tracks(
+    capsys: pytest.CaptureFixture, model_path: Path, clip: Path
+) -> None:
+    code, lines = cli(capsys, "--model", model_path, "--every", 5, clip, clip)
+
+    assert code == 0
+    assert [line["frame"] for line in lines] == [0, 5, 10, 15, 20, 25] * 2
+    assert [line["track"] for line in lines] == [0] * 12, "ids start again at 0"
+
+
 def test_out_writes_a_jsonl_file(
     capsys: pytest.CaptureFixture, tmp_path: Path, model_path: Path, photos: dict[str, Path]
 ) -> None:
