@@ -18,6 +18,11 @@ frame: wall clock, and the CPU time of all the process's threads (on a busy mach
 closer to what an idle core takes). Prints one Markdown table, with the CPU and its
 load named. `--video` also writes the scenes as a 640×480
 MP4, for timing `fer-predict` on video. No FER image is written anywhere else.
+
+`make_clip` composes a 640×480 clip of the same kind for `bench_predict.py --video`:
+FER2013 faces of 70–130 px, each drifting and bouncing inside a third of the frame and
+rocking between about ±45° (`Mover`) for 60–120 frames, then gone, another one coming
+into that third 5–30 frames later.
 """
 
 from __future__ import annotations
@@ -43,6 +48,10 @@ WIDTH, HEIGHT = 640, 480
 SIZES = (40, 200)
 MAX_TILT = 60.0
 TILT_BANDS = ((0, 15), (15, 30), (30, 45), (45, 60))
+CLIP_SIZES = (70, 130)  # `make_clip`'s faces: smaller, since each keeps to a third
+CLIP_MAX_TILT = 45.0
+CLIP_VISIT = (60, 121)  # frames a face stays
+CLIP_GAP = (5, 31)  # frames before the next face comes into its third
 # scikit-image photos with no human face in them (the astronaut and the cameraman have
 # one, the cat a face some detectors take for one)
 BACKGROUNDS = (
@@ -165,6 +174,20 @@ def make_scenes(archive: Path, count: int, seed: int) -> list[Scene]:
 def match(found, truth: tuple[TrueFace, ...]) -> tuple[list[bool], int, list[tuple]]:
     """Which true faces were found, how many detections found none, and for each match
     the detection's centre offset and size in face sizes."""
+    hit, offsets = [False] * len(truth), []
+    matched = matched_pairs(found, truth)
+    for i, j in matched:
+        hit[i] = True
+        x, y, w, h = found[j].box
+        face = truth[i]
+        offsets.append(
+            ((x + w / 2 - face.cx) / face.size, (y + h / 2 - face.cy) / face.size, w / face.size)
+        )
+    return hit, len(found) - len(matched), offsets
+
+
+def matched_pairs(found, truth: tuple[TrueFace, ...]) -> list[tuple[int, int]]:
+    """(true face, detection) index pairs, as `match` pairs them."""
     pairs = []
     for i, face in enumerate(truth):
         for j, det in enumerate(found):
@@ -173,18 +196,13 @@ def match(found, truth: tuple[TrueFace, ...]) -> tuple[list[bool], int, list[tup
             ratio = max(w, h) / face.size
             if distance <= 0.3 and 0.5 <= ratio <= 2.0:
                 pairs.append((distance, i, j))
-    hit, used, offsets = [False] * len(truth), set(), []
+    hit, used, matched = set(), set(), []
     for _, i, j in sorted(pairs):
-        if hit[i] or j in used:
-            continue
-        hit[i] = True
-        used.add(j)
-        x, y, w, h = found[j].box
-        face = truth[i]
-        offsets.append(
-            ((x + w / 2 - face.cx) / face.size, (y + h / 2 - face.cy) / face.size, w / face.size)
-        )
-    return hit, len(found) - len(used), offsets
+        if i not in hit and j not in used:
+            hit.add(i)
+            used.add(j)
+            matched.append((i, j))
+    return matched
 
 
 def band_of(tilt: float) -> int:
@@ -218,15 +236,107 @@ def measure(detector, scenes: list[Scene]) -> dict:
     }
 
 
-def write_video(scenes: list[Scene], path: Path, seconds_per_scene: float = 1.0) -> Path:
-    """The scenes as a 640×480 MP4 at 25 frames/s, each shown `seconds_per_scene`."""
+@dataclass(frozen=True)
+class Mover:
+    """One face of a clip: its centre drifts by `velocity` pixels a frame, bouncing inside
+    `bounds` (x0, x1, y0, y1), while it rocks by `amplitude`·sin(2π·t/`period` + `phase`)
+    degrees; it is in the frames from `first` up to `last`."""
+
+    face: np.ndarray
+    size: float
+    bounds: tuple[float, float, float, float]
+    start: tuple[float, float]
+    velocity: tuple[float, float]
+    amplitude: float
+    period: float
+    phase: float
+    first: int
+    last: int
+
+    def at(self, t: int) -> TrueFace | None:
+        if not self.first <= t < self.last:
+            return None
+        x0, x1, y0, y1 = self.bounds
+        cx = _bounce(self.start[0] + self.velocity[0] * t, x0, x1)
+        cy = _bounce(self.start[1] + self.velocity[1] * t, y0, y1)
+        tilt = self.amplitude * math.sin(2 * math.pi * t / self.period + self.phase)
+        return TrueFace(cx, cy, self.size, tilt)
+
+
+def _bounce(p: float, lo: float, hi: float) -> float:
+    """`p` folded back into [lo, hi], as a ball bouncing between two walls."""
+    span = hi - lo
+    if span <= 0:
+        return lo
+    q = (p - lo) % (2 * span)
+    return lo + (q if q <= span else 2 * span - q)
+
+
+def clip_movers(archive: Path, frames: int, rng: np.random.Generator) -> list[Mover]:
+    """`make_clip`'s cast: in each third of the frame one face after another, each for
+    60–120 frames with 5–30 frames between them, the first ones from frame 0 on."""
+    column = WIDTH / 3
+    spans = []
+    for lane in range(3):
+        t = 0
+        while t < frames:
+            length = int(rng.integers(*CLIP_VISIT))
+            spans.append((lane, t, min(frames, t + length)))
+            t += length + int(rng.integers(*CLIP_GAP))
+    pool = fer_faces(archive, len(spans), rng)
+    movers = []
+    for face, (lane, first, last) in zip(pool, spans, strict=True):
+        size = rng.uniform(*CLIP_SIZES)
+        reach = size * math.sqrt(2) / 2  # any turn stays inside its third
+        bounds = (lane * column + reach, (lane + 1) * column - reach, reach, HEIGHT - reach)
+        start = (rng.uniform(bounds[0], bounds[1]), rng.uniform(bounds[2], bounds[3]))
+        speed, heading = rng.uniform(1.0, 4.0), rng.uniform(0, 2 * math.pi)
+        movers.append(
+            Mover(
+                face=face,
+                size=size,
+                bounds=bounds,
+                start=start,
+                velocity=(speed * math.cos(heading), speed * math.sin(heading)),
+                amplitude=rng.uniform(35.0, CLIP_MAX_TILT),
+                period=rng.uniform(80, 200),
+                phase=rng.uniform(0, 2 * math.pi),
+                first=first,
+                last=last,
+            )
+        )
+    return movers
+
+
+def make_clip(archive: Path, frames: int, seed: int) -> tuple[list[Scene], list[Mover]]:
+    """`frames` 640×480 frames over one of the background photos, and the faces moving in
+    them; each frame's `Scene.faces` are the movers in it, in the movers' order."""
+    rng = np.random.default_rng(seed)
+    photos = backgrounds()
+    background = scene_background(photos[int(rng.integers(len(photos)))], rng)
+    movers = clip_movers(archive, frames, rng)
+    scenes = []
+    for t in range(frames):
+        gray = background.copy()
+        truth = []
+        for mover in movers:
+            spot = mover.at(t)
+            if spot is not None:
+                paste(gray, mover.face, spot)
+                truth.append(spot)
+        scenes.append(Scene(gray, tuple(truth)))
+    return scenes, movers
+
+
+def write_video(scenes: list[Scene], path: Path, frames_each: int = 25) -> Path:
+    """The scenes as a 640×480 MP4 at 25 frames/s, each shown for `frames_each` frames."""
     fps = 25
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (WIDTH, HEIGHT))
     if not writer.isOpened():
         raise SystemExit(f"{path}: OpenCV cannot write MP4 here")
     for scene in scenes:
         frame = cv2.cvtColor(scene.gray, cv2.COLOR_GRAY2BGR)
-        for _ in range(round(fps * seconds_per_scene)):
+        for _ in range(frames_each):
             writer.write(frame)
     writer.release()
     return path

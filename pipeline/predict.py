@@ -7,11 +7,17 @@ classified together, `--batch-size` at a time.
 Output is one JSON line per face (and one per picture or frame without a face,
 or that could not be read):
 
-    {"input": "photo.jpg", "frame": null, "faces": 1, "face": 0, "box": [x, y, w, h],
-     "angle": 2.5, "label": "happy", "probabilities": {"angry": 0.01, ...}, "error": null}
+    {"input": "photo.jpg", "frame": null, "faces": 1, "face": 0, "track": null,
+     "box": [x, y, w, h], "angle": 2.5, "label": "happy",
+     "probabilities": {"angry": 0.01, ...}, "error": null}
 
-`frame` is the frame index for videos; `angle` the tilt the face was levelled
-by (null with `--no-detect`). A picture without a face gives `"faces": 0` and
+`frame` is the frame index for videos; `track` a video face's track id (the
+same id on every frame the face was followed through; null for photos);
+`angle` the tilt the face was levelled by (null with `--no-detect`).
+In a video or from the camera the full detection runs on every
+`--redetect-every`-th frame (and when a followed face is lost); on the frames
+looked at between, each face is followed by the upright detector in a small square
+around it (`facetrack.FaceTracker`). A picture without a face gives `"faces": 0` and
 nulls; one that cannot be read gives `"error": "..."`. Exit status: 0, 1 when
 any input failed, 2 for a usage error (bad option, unusable model, no window).
 
@@ -36,6 +42,7 @@ import numpy as np
 
 from pipeline.atomic import write_bytes_atomic, write_text_atomic
 from pipeline.detectors import CHOICES, DetectorUnavailable, describe
+from pipeline.facetrack import REDETECT_EVERY, FaceTracker
 from pipeline.imageops import IMAGE_SUFFIXES, ImageError, read_image
 from pipeline.inference import ONNX_SUFFIX
 from pipeline.logs import VERBOSE_VARIABLE, import_tensorflow, setup_logging
@@ -285,11 +292,15 @@ def run(
     detect: bool = True,
     tta: bool = False,
     explain: bool = False,
+    redetect_every: int = REDETECT_EVERY,
 ) -> None:
     """Find the faces of every frame, classify them `predictor.batch_size` at a time across
     frames, and report each frame's result in input order; with `explain`, with the heat
-    maps of its faces (`explain_faces`)."""
+    maps of its faces (`explain_faces`). A video's frames are followed by one tracker
+    (`Predictor.tracker`), a new one for each video."""
     pending: list[tuple[Frame, Result]] = []
+    tracker: FaceTracker | None = None
+    last: tuple[str, int] | None = None  # the video and frame the tracker saw last
 
     def flush() -> None:
         results = [result for _, result in pending]
@@ -302,11 +313,18 @@ def run(
     waiting_faces = 0
     for frame in frames:
         result = Result(frame.input, frame.frame, error=frame.error)
+        if frame.frame is None or not detect:
+            tracker, last = None, None
+        elif last is None or last[0] != frame.input or last[1] >= frame.frame:
+            tracker = predictor.tracker(redetect_every)  # a new video, or one read again
         if frame.error is None:
             try:
-                result.faces = predictor.face_inputs(frame.gray, detect)
+                result.faces = predictor.face_inputs(frame.gray, detect, tracker, frame.frame)
+                if tracker is not None:
+                    last = (frame.input, frame.frame)
             except (ValueError, cv2.error) as exc:
                 result.error = f"cannot prepare the picture ({exc})"
+                tracker, last = None, None
         pending.append((frame, result))
         waiting_faces += len(result.faces)
         if waiting_faces >= predictor.batch_size or len(pending) >= predictor.batch_size:
@@ -334,12 +352,19 @@ def gui_problem() -> str | None:
 
 
 def run_camera(
-    predictor: Predictor, index: int, every: int, report: Report, detect: bool, tta: bool
+    predictor: Predictor,
+    index: int,
+    every: int,
+    report: Report,
+    detect: bool,
+    tta: bool,
+    redetect_every: int = REDETECT_EVERY,
 ) -> bool:
     """Show camera `index` live with its faces labelled until q or Esc; False if it won't open."""
     capture = cv2.VideoCapture(index)
     if not capture.isOpened():
         return False
+    tracker = predictor.tracker(redetect_every) if detect else None
     window = f"fer-predict: camera {index} (q to quit)"
     last = Result(f"camera:{index}")
     try:
@@ -350,7 +375,8 @@ def run_camera(
                 break
             if n % every == 0:
                 gray = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
-                last = Result(f"camera:{index}", n, predictor.face_inputs(gray, detect))
+                faces = predictor.face_inputs(gray, detect, tracker, n)
+                last = Result(f"camera:{index}", n, faces)
                 predictor.classify([last], tta)
                 report.add(None, last)
             cv2.imshow(window, draw_result(bgr, last, predictor.classes))
@@ -450,6 +476,16 @@ def make_parser() -> argparse.ArgumentParser:
         "(default: as the model was trained)",
     )
     parser.add_argument(
+        "--redetect-every",
+        type=_positive,
+        default=REDETECT_EVERY,
+        metavar="K",
+        help="video and camera: run the full face detection (with the tilt search) on every "
+        "K-th frame, and when a face is lost; on the frames between, follow each face with "
+        "the upright detector in a small square around it, turned by its tilt. 1, or "
+        "--every K or more, detects on every frame looked at (default: %(default)s)",
+    )
+    parser.add_argument(
         "--tta", action="store_true", help="average predictions over flips and shifted crops"
     )
     parser.add_argument(
@@ -527,7 +563,9 @@ def main(argv: list[str] | None = None) -> int:
     annotator = Annotator(args.annotate) if args.annotate else None
     report = Report(predictor.classes, args.out, annotator, summary=sys.stderr.isatty())
     if args.camera is not None:
-        opened = run_camera(predictor, args.camera, args.every, report, detect, args.tta)
+        opened = run_camera(
+            predictor, args.camera, args.every, report, detect, args.tta, args.redetect_every
+        )
         report.close()
         if not opened:
             log.error("camera %d cannot be opened", args.camera)
@@ -535,7 +573,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     frames = iter_frames(args.inputs, args.every, annotate=annotator is not None)
     try:
-        run(predictor, frames, report, detect, args.tta, args.explain)
+        run(
+            predictor,
+            frames,
+            report,
+            detect,
+            args.tta,
+            explain=args.explain,
+            redetect_every=args.redetect_every,
+        )
     except BrokenPipeError:  # the reader went away (`fer-predict … | head`)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

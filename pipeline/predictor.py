@@ -5,6 +5,8 @@
 `imageops.to_model_input` and the preprocessing params stored inside the model file
 (`modelmeta.read_model_info`), so a face is prepared exactly as the faces the model
 was trained on, and classifies them in batches.
+For video, `face_inputs` takes a `facetrack.FaceTracker` (`tracker`), which runs
+the detector every few frames and follows the faces in between, each with a track id.
 `load_predictor` opens a model file or an MLflow model URI. Used by `fer-predict`
 (`pipeline.predict`) and by the served MLflow model (`pipeline.serving`).
 """
@@ -22,6 +24,7 @@ import numpy as np
 
 from pipeline.detectors import Detector, detector_for
 from pipeline.faces import align_face
+from pipeline.facetrack import FaceTracker
 from pipeline.imageops import to_model_input
 from pipeline.inference import ONNX_SUFFIX, load_model, predict_probabilities
 from pipeline.modelmeta import ATTRIBUTE, ModelInfo, decode_info, read_model_info
@@ -43,6 +46,7 @@ class FaceInput:
     box: tuple[int, int, int, int]
     angle: float | None  # None when the whole picture was taken as the face
     crop: np.ndarray  # picture_size² uint8, from `to_model_input`
+    track: int | None = None  # its track id in a video (`facetrack.FaceTracker`)
 
 
 @dataclass
@@ -68,7 +72,14 @@ class Result:
     def records(self, classes: Sequence[str]) -> list[dict]:
         """The JSON lines of this picture: one per face, or one saying why there is none."""
         base = {"input": self.input, "frame": self.frame}
-        empty = {"face": None, "box": None, "angle": None, "label": None, "probabilities": None}
+        empty = {
+            "face": None,
+            "track": None,
+            "box": None,
+            "angle": None,
+            "label": None,
+            "probabilities": None,
+        }
         if self.error is not None:
             return [{**base, "faces": None, **empty, "error": self.error}]
         if not self.faces:
@@ -83,6 +94,7 @@ class Result:
                     **base,
                     "faces": len(self.faces),
                     "face": index,
+                    "track": face.track,
                     "box": list(face.box),
                     "angle": None if face.angle is None else round(face.angle, 2),
                     "label": label,
@@ -162,21 +174,39 @@ class Predictor:
         )
         return self._detector
 
-    def face_inputs(self, gray: np.ndarray, detect: bool = True) -> list[FaceInput]:
+    def tracker(self, redetect_every: int) -> FaceTracker:
+        """A tracker for one video's frames, on this predictor's detector: the full
+        search every `redetect_every`-th frame of the video (and when a face is lost)."""
+        return FaceTracker(self.detector, redetect_every)
+
+    def face_inputs(
+        self,
+        gray: np.ndarray,
+        detect: bool = True,
+        tracker: FaceTracker | None = None,
+        frame: int | None = None,
+    ) -> list[FaceInput]:
         """The faces in a grayscale picture, largest first, each made into model input.
 
-        With `detect` off the whole picture is the face, as in the FER datasets."""
+        With `detect` off the whole picture is the face, as in the FER datasets. With a
+        `tracker` the picture is frame `frame` of its video (None: the one after the last
+        it saw): the tracker finds the faces and gives each its track id."""
         params = self.info.preprocess
         if not detect:
             height, width = gray.shape
             return [FaceInput((0, 0, width, height), None, to_model_input(gray, params))]
+        if tracker is None:
+            found = [(None, face) for face in self.detector.detect(gray)]
+        else:
+            found = [(track.id, track.face) for track in tracker.update(gray, frame)]
         return [
             FaceInput(
                 face.box,
                 face.angle,
                 to_model_input(align_face(gray, face, params.face_margin), params),
+                track,
             )
-            for face in self.detector.detect(gray)
+            for track, face in found
         ]
 
     def probabilities(self, crops: Sequence[np.ndarray], tta: bool = False) -> np.ndarray:

@@ -41,6 +41,19 @@ from pipeline.sample import draw_image
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = load_params(ROOT / "params.yaml")
 TILT = 20.0
+# a JSON line's keys, in order: "track" was added, the others are as they always were
+KEYS = [
+    "input",
+    "frame",
+    "faces",
+    "face",
+    "track",
+    "box",
+    "angle",
+    "label",
+    "probabilities",
+    "error",
+]
 
 
 def save_rgb(path: Path, rgb: np.ndarray) -> Path:
@@ -137,6 +150,7 @@ def test_astronaut_face_gets_seven_probabilities(
 
     assert code == 0
     [line] = lines
+    assert list(line) == KEYS and line["track"] is None
     assert line["input"] == str(photos["astronaut"]) and line["frame"] is None
     assert line["faces"] == 1 and line["face"] == 0 and line["error"] is None
     # her face spans about x 178-270, y 69-161 (tests/test_faces.py)
@@ -194,6 +208,7 @@ def test_pictures_without_a_face_say_so(
     for line in lines:
         assert line["faces"] == 0 and line["error"] is None
         assert line["label"] is None and line["probabilities"] is None and line["box"] is None
+        assert list(line) == KEYS and line["track"] is None
     assert f"{photos['brick']}: no face found" in err
     assert f"{photos['rocket']}: no face found" in err
 
@@ -368,6 +383,36 @@ def test_video_every_tenth_frame(
         [f"{f}.png" for f in frames] + [f"{f}_face0_gradcam.png" for f in frames]
     )
     assert cv2.imread(str(folder / f"{frames[0]}.png")).shape == (240, 320, 3)
+
+
+def test_video_faces_are_followed_with_one_track_id(
+    capsys: pytest.CaptureFixture, model_path: Path, predictor: Predictor, clip: Path
+) -> None:
+    code, followed = cli(capsys, "--model", model_path, "--every", 1, "--redetect-every", 10, clip)
+    assert code == 0
+    assert [line["frame"] for line in followed] == list(range(30))
+    assert all(list(line) == KEYS for line in followed)
+    assert all(line["faces"] == 1 and line["track"] == 0 for line in followed), followed
+
+    # detecting on every frame gives the detector's own boxes, as before there were tracks
+    code, detected = cli(capsys, "--model", model_path, "--every", 1, "--redetect-every", 1, clip)
+    grays = [frame.gray for frame in iter_frames([clip], every=1)]
+    assert [line["box"] for line in detected] == [
+        list(predictor.detector.detect(gray)[0].box) for gray in grays
+    ]
+    assert all(line["track"] == 0 for line in detected)
+    for mine, theirs in zip(followed, detected, strict=True):
+        assert np.hypot(*np.subtract(centre(mine["box"]), centre(theirs["box"]))) < 10
+
+
+def test_each_video_gets_its_own_tracks(
+    capsys: pytest.CaptureFixture, model_path: Path, clip: Path
+) -> None:
+    code, lines = cli(capsys, "--model", model_path, "--every", 5, clip, clip)
+
+    assert code == 0
+    assert [line["frame"] for line in lines] == [0, 5, 10, 15, 20, 25] * 2
+    assert [line["track"] for line in lines] == [0] * 12, "ids start again at 0"
 
 
 def test_out_writes_a_jsonl_file(
@@ -587,6 +632,7 @@ def test_an_unusable_model_is_a_usage_error(
     [
         [],
         ["--every", "0", "x.jpg"],
+        ["--redetect-every", "0", "x.mp4"],
         ["--camera", "0", "x.jpg"],
         ["--out", ".", "x.jpg"],
         ["--explain", "x.jpg"],
