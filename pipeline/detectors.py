@@ -280,7 +280,7 @@ def suppress_overlaps(faces: Sequence[Face], threshold: float = 0.5) -> list[Fac
     return kept
 
 
-def _face_back(face: Face, back: np.ndarray, tilt: float, shape: tuple[int, ...]) -> Face | None:
+def face_back(face: Face, back: np.ndarray, tilt: float, shape: tuple[int, ...]) -> Face | None:
     """A face found on a copy turned by `-tilt` (and maybe shrunk), in the original
     picture's pixels (`back` maps them there); None when its centre lies outside the
     picture, on the copy's padding."""
@@ -334,7 +334,7 @@ class TiltedSearch:
                 copy, back = rotated_copy(small, -signed)  # faces tilted by `signed` stand up
                 back = (to_gray @ np.vstack([back, [0, 0, 1]]))[:2]
                 for face in self.upright.find(copy):
-                    mapped = _face_back(face, back, signed, gray.shape)
+                    mapped = face_back(face, back, signed, gray.shape)
                     if mapped is not None:
                         found.append(mapped)
         return _largest_first(self.upright.level(gray, suppress_overlaps(found)))

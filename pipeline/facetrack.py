@@ -8,7 +8,7 @@ is lost. On the frames between, each followed face is looked for by the upright
 detector alone in a small square (`REGION` face sizes, at the frame's own scale) around
 where the face should be, turned by the face's last tilt, so a face tilted by 45°
 stands upright in it (and, if it is not found there, turned `RETRY_TURN` further either
-way); what is found is mapped back into the frame (`detectors._face_back`, as the tilt
+way); what is found is mapped back into the frame (`detectors.face_back`, as the tilt
 search maps its copies) and levelled by the detector's own `level`. A face is lost when
 its square holds no face of about its size near its centre, or when its centre has
 left the frame. A followed face that a full search misses is looked for in its square
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from pipeline.detectors import Detector, TiltedSearch, _face_back, suppress_overlaps
+from pipeline.detectors import Detector, TiltedSearch, face_back, suppress_overlaps
 from pipeline.faces import Face, check_gray
 
 REDETECT_EVERY = 10  # frames between full searches, unless the caller says otherwise
@@ -219,7 +219,7 @@ class FaceTracker:
         if best is None:
             return None
         back = cv2.invertAffineTransform(to_region)
-        return _face_back(best, back, tilt, gray.shape)
+        return face_back(best, back, tilt, gray.shape)
 
 
 def _step(before: Face, after: Face) -> tuple[float, float]:
