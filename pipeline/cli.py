@@ -56,6 +56,6 @@ def run_stage(
         log.error("%s", exc, stacklevel=2)
         return 1
     except KeyboardInterrupt as exc:
-        log.error("stopped: %s", exc or "Ctrl-C", stacklevel=2)
+        log.error("stopped: %s", str(exc) or "Ctrl-C", stacklevel=2)
         return getattr(exc, "exit_status", 130)
     return 0

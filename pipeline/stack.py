@@ -434,6 +434,19 @@ def _weed_program() -> str:
     return found
 
 
+def s3_client(settings: Settings, keys: dict[str, str]):
+    """A boto3 S3 client of the stack's store, with the stack's key."""
+    import boto3  # the team extra; `--help` works without it
+
+    return boto3.client(
+        "s3",
+        endpoint_url=settings.s3_endpoint,
+        aws_access_key_id=keys["s3_access_key"],
+        aws_secret_access_key=keys["s3_secret_key"],
+        region_name="us-east-1",
+    )
+
+
 class SeaweedFS:
     name = "seaweedfs"
     marker = "weed"
@@ -464,15 +477,7 @@ class SeaweedFS:
         ]  # fmt: skip
 
     def s3_client(self):
-        import boto3  # the team extra; `--help` works without it
-
-        return boto3.client(
-            "s3",
-            endpoint_url=self.settings.s3_endpoint,
-            aws_access_key_id=self.keys["s3_access_key"],
-            aws_secret_access_key=self.keys["s3_secret_key"],
-            region_name="us-east-1",
-        )
+        return s3_client(self.settings, self.keys)
 
     def _bucket_ready(self) -> bool:
         if not _http_ok(f"{self.settings.s3_endpoint}/healthz"):
@@ -587,6 +592,35 @@ class MLflowServer:
             if done.returncode != 0:
                 raise _failed(self.name, f"schema upgrade failed ({what})", self.log_file)
 
+    def check_artifact_bucket(self) -> None:
+        """Refuse to start when the artifact bucket is absent or refuses the stack's key: the
+        server would start, and every client's first artifact would fail."""
+        from botocore.exceptions import BotoCoreError, ClientError  # the team extra
+
+        bucket, endpoint = self.settings.bucket, self.settings.s3_endpoint
+        where = f"mlflow cannot start: its artifact store {self.artifacts} at {endpoint}"
+        try:
+            s3_client(self.settings, self.keys).head_bucket(Bucket=bucket)
+        except ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status == 404:
+                raise StackError(
+                    f"{where}: the bucket {bucket!r} does not exist. SeaweedFS creates it when "
+                    "it starts: restart the stack (make stack-down && make stack-up), or "
+                    f"create it (aws s3 mb s3://{bucket} --endpoint-url {endpoint}), or name "
+                    "another with --bucket (FER_STACK_BUCKET)"
+                ) from None
+            if status == 403:
+                raise StackError(
+                    f"{where}: the S3 server refused the key in {self.folder.parent / SECRETS_FILE}"
+                    f" ({exc.response.get('Error', {}).get('Code') or status}); SeaweedFS "
+                    "accepts the key it was started with: restart the stack (make stack-down "
+                    "&& make stack-up) so that both use the same"
+                ) from None
+            raise StackError(f"{where}: {exc}") from None
+        except BotoCoreError as exc:
+            raise StackError(f"{where}: the S3 server does not answer ({exc})") from None
+
     def command(self) -> list[str]:
         return [
             sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
@@ -603,6 +637,7 @@ class MLflowServer:
             {"mlflow": self.settings.mlflow_port},
             "--mlflow-port",
         )
+        self.check_artifact_bucket()
         self._write_config()
         log.info("mlflow: upgrading the database schemas")
         self.upgrade_schemas()

