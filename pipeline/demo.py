@@ -45,7 +45,7 @@ from fastapi.responses import HTMLResponse
 
 from pipeline.detectors import CHOICES, DetectorUnavailable, describe
 from pipeline.imageops import ImageError, decode_image
-from pipeline.inference import ONNX_SUFFIX, OnnxModel
+from pipeline.inference import ONNX_SUFFIX
 from pipeline.logs import VERBOSE_VARIABLE, import_tensorflow, setup_logging
 from pipeline.paths import Paths
 from pipeline.predictor import ModelError, Predictor, load_predictor
@@ -84,23 +84,6 @@ async def read_upload(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def heat_maps_problem(predictor: Predictor) -> str | None:
-    """Why the faces of this model get no heat maps, or None when they do."""
-    if isinstance(predictor.model, OnnxModel):
-        return (
-            "heat maps need the model's gradients, which its ONNX export has not; start "
-            "fer-demo with the Keras model it was exported from (--model models/model.h5)"
-        )
-    # here: it imports TensorFlow, which the demo of an ONNX model starts without
-    from pipeline.explain import feature_layer
-
-    try:
-        feature_layer(predictor.model)
-    except ValueError as exc:  # no convolution, so no feature map to weigh
-        return str(exc)
-    return None
-
-
 def png_data_url(rgb: np.ndarray) -> str:
     ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     if not ok:
@@ -114,7 +97,7 @@ class Analyser:
 
     def __init__(self, predictor: Predictor) -> None:
         self.predictor = predictor
-        self.heat_maps_problem = heat_maps_problem(predictor)
+        self.heat_maps_problem = predictor.heat_map_problem()
         self._lock = threading.Lock()
 
     def analyse(self, data: bytes, heat_map: bool = False) -> dict:

@@ -543,15 +543,9 @@ def main(argv: list[str] | None = None) -> int:
     except ModelError as exc:
         log.error("%s", exc)
         return 2
-    if args.explain:
-        # here: it imports TensorFlow, which --help and ONNX models do without
-        from pipeline.explain import feature_layer
-
-        try:
-            feature_layer(predictor.model)
-        except ValueError as exc:
-            log.error("--explain: %s", exc)
-            return 2
+    if args.explain and (problem := predictor.heat_map_problem()):  # e.g. runs:/…/…_onnx
+        log.error("--explain: %s", problem)
+        return 2
     detect = not args.no_detect
     if detect:
         try:

@@ -26,7 +26,7 @@ from pipeline.detectors import Detector, detector_for
 from pipeline.faces import align_face
 from pipeline.facetrack import FaceTracker
 from pipeline.imageops import to_model_input
-from pipeline.inference import ONNX_SUFFIX, load_model, predict_probabilities
+from pipeline.inference import ONNX_SUFFIX, OnnxModel, load_model, predict_probabilities
 from pipeline.modelmeta import ATTRIBUTE, ModelInfo, decode_info, read_model_info
 
 # the model file inside a model logged by `serving.log_pyfunc_model`: Keras or its ONNX export
@@ -217,6 +217,24 @@ class Predictor:
         return predict_probabilities(
             self.model, model_batch(crops), self.batch_size, tta, temperature=self.info.temperature
         )
+
+    def heat_map_problem(self) -> str | None:
+        """Why Grad-CAM cannot explain this model's faces, or None when it can: an ONNX
+        export has no gradients, a model without a convolution no feature map."""
+        if isinstance(self.model, OnnxModel):
+            return (
+                "heat maps need the model's gradients, which its ONNX export has not; use the "
+                "Keras model it was exported from (models/model.h5, or the run's "
+                "runs:/<run id>/emotion_model)"
+            )
+        # here: it imports TensorFlow, which ONNX models and --help do without
+        from pipeline.explain import feature_layer
+
+        try:
+            feature_layer(self.model)
+        except ValueError as exc:  # no convolution, so no feature map to weigh
+            return str(exc)
+        return None
 
     def heat_map_pictures(
         self, crops: Sequence[np.ndarray], labels: np.ndarray

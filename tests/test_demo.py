@@ -168,9 +168,9 @@ def test_a_model_without_a_convolution_offers_no_heat_maps(predictor: Predictor)
     dense = keras.Sequential(
         [keras.Input((48, 48, 1)), keras.layers.Flatten(), keras.layers.Dense(7, "softmax")]
     )
-    problem = demo.heat_maps_problem(Predictor(dense, predictor.info))
+    problem = Predictor(dense, predictor.info).heat_map_problem()
     assert "no convolutional layer" in problem
-    assert demo.heat_maps_problem(predictor) is None
+    assert predictor.heat_map_problem() is None
 
 
 def test_a_picture_without_a_face_has_no_faces(server: str, photos: dict[str, Path]) -> None:

@@ -713,6 +713,34 @@ def test_explain_works_with_an_mlflow_model(
     np.testing.assert_array_equal(heat["logged"], heat["local"])
 
 
+def test_explain_refuses_an_onnx_model_logged_in_mlflow(
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+    mlflow_store: str,
+    model_path: Path,
+    photos: dict[str, Path],
+) -> None:
+    """A URI does not say it holds an export, so the refusal comes once it is loaded."""
+    from pipeline.export import float32_copy, onnx_bytes
+    from pipeline.modelmeta import encode_info
+
+    predictor = load_predictor(model_path)
+    onnx_path = tmp_path / "model.onnx"
+    onnx_path.write_bytes(onnx_bytes(float32_copy(predictor.model), encode_info(predictor.info)))
+    with mlflow.start_run(experiment_id=mlflow_store) as active:
+        mlflow.log_artifact(str(onnx_path), "emotion_model_onnx")
+    folder = tmp_path / "annotated"
+    with caplog.at_level(logging.ERROR):
+        code = main(
+            ["--model", f"runs:/{active.info.run_id}/emotion_model_onnx", "--annotate",
+             str(folder), "--explain", str(photos["astronaut"])]
+        )  # fmt: skip
+
+    assert code == 2 and not folder.exists()
+    [message] = caplog.messages
+    assert message.startswith("--explain: heat maps need the model's gradients")
+
+
 def test_console_script_runs(model_path: Path, photos: dict[str, Path]) -> None:
     script = Path(sys.executable).with_name("fer-predict")
     assert script.is_file(), "install the project (pip install -e .) for its fer-predict"
