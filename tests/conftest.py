@@ -6,6 +6,7 @@ links the dataset into its own project folder, so its outputs stay its own.
 
 from __future__ import annotations
 
+import ast
 import os
 import signal
 import socket
@@ -231,3 +232,15 @@ def require_binary(name: str, install: str) -> str:
     if os.environ.get(REQUIRE_VARIABLE):
         pytest.fail(f"{message}, and {REQUIRE_VARIABLE} is set")
     pytest.skip(message)
+
+
+def third_party_imports(module: str) -> set[str]:
+    """The top-level names every import statement of `module` names, at any depth."""
+    tree = ast.parse((ROOT / "pipeline" / f"{module.split('.')[1]}.py").read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module.split(".")[0])
+    return names - set(sys.stdlib_module_names) - {"pipeline", "__future__"}

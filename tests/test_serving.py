@@ -3,7 +3,6 @@ scoring server (`mlflow models serve`) answering JSON over HTTP."""
 
 from __future__ import annotations
 
-import ast
 import base64
 import importlib.metadata
 import io
@@ -24,6 +23,7 @@ from conftest import (
     free_port,
     stop_process_group,
     subprocess_env,
+    third_party_imports,
     untrained_model,
     wait_for_http,
 )
@@ -306,23 +306,12 @@ def test_scoring_server_answers_json(logged, pictures: dict[str, bytes]) -> None
     assert landscape["label"] is None and landscape["error"] is None
 
 
-def _third_party_imports(module: str) -> set[str]:
-    tree = ast.parse((ROOT / "pipeline" / f"{module.split('.')[1]}.py").read_text())
-    names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names |= {alias.name.split(".")[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            names.add(node.module.split(".")[0])
-    return names - set(sys.stdlib_module_names) - {"pipeline", "__future__"}
-
-
 def test_the_requirements_name_every_distribution_the_served_code_imports() -> None:
     """What `mlflow models serve` installs in a fresh environment is the logged requirements
     alone: each import of the packed modules must come from one of them."""
     provided = importlib.metadata.packages_distributions()
     required = {line.split("==")[0].lower().replace("_", "-") for line in pip_requirements()}
-    imported = set().union(*(_third_party_imports(m) for m in served_modules()))
+    imported = set().union(*(third_party_imports(m) for m in served_modules()))
     assert {"cv2", "mlflow", "numpy", "keras"} <= imported
     for name in sorted(imported):
         distributions = {d.lower().replace("_", "-") for d in provided.get(name, [])}

@@ -4,7 +4,6 @@ environment manager, which builds a fresh virtualenv from those requirements alo
 
 from __future__ import annotations
 
-import ast
 import base64
 import importlib.metadata
 import io
@@ -23,11 +22,11 @@ import pandas as pd
 import pytest
 from conftest import (
     REQUIRE_VARIABLE,
-    ROOT,
     free_port,
     require_binary,
     stop_process_group,
     subprocess_env,
+    third_party_imports,
     tiny_params,
     wait_for_http,
 )
@@ -152,18 +151,6 @@ def test_the_export_logs_the_onnx_file_as_a_pyfunc_model(
     assert isinstance(predictor.model, OnnxModel) and predictor.classes == CLASSES
 
 
-def _third_party_imports(module: str) -> set[str]:
-    """The top-level names every import statement of `module` names, at any depth."""
-    tree = ast.parse((ROOT / "pipeline" / f"{module.split('.')[1]}.py").read_text())
-    names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names |= {alias.name.split(".")[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            names.add(node.module.split(".")[0])
-    return names - set(sys.stdlib_module_names) - {"pipeline", "__future__"}
-
-
 # The logged model loaded as `mlflow models serve` loads it, TensorFlow, Keras, h5py and
 # MTCNN made unimportable; it answers, and says what it imported.
 _SERVE_WITH_TENSORFLOW_BLOCKED = """
@@ -211,7 +198,7 @@ def test_the_onnx_pyfunc_answers_with_tensorflow_blocked_and_imports_only_its_re
     # every distribution whose modules the served code imported is a logged requirement
     imported = set(json.loads(modules))
     assert not imported & TENSORFLOW
-    named = set().union(*(_third_party_imports(m) for m in served_modules())) & imported
+    named = set().union(*(third_party_imports(m) for m in served_modules())) & imported
     assert {"cv2", "onnxruntime", "mlflow", "numpy", "pandas", "PIL", "yaml"} <= named
     provided = importlib.metadata.packages_distributions()
     required = requirement_names(downloaded)
