@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
 import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-from conftest import untrained_model
+from conftest import subprocess_env, untrained_model
 from skimage import data
 
 from pipeline import detectors
@@ -139,6 +140,47 @@ def test_yunet_import_leaves_the_thread_setting_as_it_was(
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     YuNetDetector()
     assert detectors.os.environ["OMP_NUM_THREADS"] == "3"
+
+
+# Builds YuNet in a fresh process (malloc's thresholds are process-wide and set once),
+# runs the tilt search on a 640×480 frame twice, and prints the second run's page faults.
+_FAULTS_OF_A_SEARCH = """
+import resource, sys
+import numpy as np
+from pipeline.detectors import TiltedSearch, YuNetDetector, keep_freed_memory
+search = TiltedSearch(YuNetDetector())
+frame = np.random.default_rng(0).integers(0, 256, (480, 640), dtype=np.uint8)
+search.detect(frame)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+search.detect(frame)
+print(keep_freed_memory(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux" or detectors.platform.libc_ver()[0] != "glibc",
+    reason="malloc's thresholds are set on glibc only",
+)
+def test_yunet_reuses_its_freed_memory_unless_the_user_tuned_malloc() -> None:
+    def faults(**env: str | None) -> tuple[str, int]:
+        done = subprocess.run(
+            [sys.executable, "-c", _FAULTS_OF_A_SEARCH],
+            env=subprocess_env(**env),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        kept, count = done.stdout.split()
+        return kept, int(count)
+
+    kept, count = faults(
+        GLIBC_TUNABLES=None, MALLOC_TRIM_THRESHOLD_=None, MALLOC_MMAP_THRESHOLD_=None
+    )
+    # the feature maps of three passes, mapped afresh, would be ~12,000 faults (50 MB)
+    assert kept == "True" and count < 1000
+    # a user's own setting is left alone: glibc's default value, set by hand
+    kept, count = faults(MALLOC_TRIM_THRESHOLD_="131072")
+    assert kept == "False" and count > 5000
 
 
 def test_auto_falls_back_to_haar_when_yuface_cannot_import(
