@@ -289,6 +289,12 @@ def _load_model_file(path: Path, batch_size: int) -> Predictor:
             f"{path}: no model; run the train stage first (dvc repro train) or name one "
             "with --model"
         )
+    if path.suffix == ".keras":
+        raise ModelError(
+            f"{path}: a .keras file is not read here, as it holds no record of the class "
+            "order and preprocessing the model was trained with; use the model.h5 the train "
+            "stage writes, or its ONNX export (python -m pipeline.export)"
+        )
     try:
         if path.suffix == ONNX_SUFFIX:
             model = load_model(path)

@@ -618,8 +618,14 @@ def test_an_unusable_model_is_a_usage_error(
 ) -> None:
     unstamped = tmp_path / "plain.h5"
     keras.Sequential([keras.Input((48, 48, 1))]).save(unstamped)
+    native = tmp_path / "plain.keras"
+    keras.Sequential([keras.Input((48, 48, 1))]).save(native)
 
-    for model, message in [(tmp_path / "nowhere.h5", "no model"), (unstamped, "fer_pipeline")]:
+    for model, message in [
+        (tmp_path / "nowhere.h5", "no model"),
+        (unstamped, "fer_pipeline"),
+        (native, "plain.keras: a .keras file is not read here"),
+    ]:
         caplog.clear()
         with caplog.at_level(logging.ERROR):
             code = main(["--model", str(model), str(photos["astronaut"])])
