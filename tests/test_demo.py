@@ -355,6 +355,25 @@ def test_a_registered_model_is_served_by_its_alias(
     np.testing.assert_allclose(list(face["probabilities"].values()), probabilities[0], atol=1e-6)
 
 
+# Drags a file over the drop zone and drops it there, with the events a browser fires for a
+# file dragged from the desktop (Selenium's own drag and drop moves page elements only);
+# returns whether the zone was lit while dragged over, and after the drop.
+DROP_A_FILE = """
+const [b64, name] = arguments;
+const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+const transfer = new DataTransfer();
+transfer.items.add(new File([bytes], name, { type: "image/jpeg" }));
+const zone = document.getElementById("drop-zone");
+const drag = (type) => zone.dispatchEvent(
+  new DragEvent(type, { dataTransfer: transfer, bubbles: true, cancelable: true })
+);
+drag("dragover");
+const over = zone.classList.contains("over");
+drag("drop");
+return [over, zone.classList.contains("over")];
+"""
+
+
 @pytest.mark.slow
 def test_the_page_in_chromium_shows_the_label_of_an_uploaded_face(
     tmp_path: Path, model_path: Path, predictor: Predictor, photos: dict[str, Path]
@@ -367,6 +386,7 @@ def test_the_page_in_chromium_shows_the_label_of_an_uploaded_face(
 
     _, probabilities = expected_faces(predictor, photos["astronaut"])
     expected = CLASSES[int(probabilities[0].argmax())]
+    photo_b64 = base64.b64encode(photos["astronaut"].read_bytes()).decode()
     webcam = write_y4m(tmp_path / "webcam.y4m", data.astronaut())
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
@@ -416,6 +436,13 @@ def test_the_page_in_chromium_shows_the_label_of_an_uploaded_face(
                 "broken.jpg cannot be used: upload: not an image file "
                 "(JPEG, PNG, BMP or WebP expected)"
             )
+
+            # a photo dropped on the zone, as a file manager's drag and drop delivers it
+            over, after = driver.execute_script(DROP_A_FILE, photo_b64, "dropped.jpg")
+            assert (over, after) == (True, False)  # the zone lit up, then let go
+            wait.until(lambda d: status().text.startswith("dropped.jpg"))
+            assert status().text == "dropped.jpg: 1 face, largest first."
+            assert driver.find_element(By.CLASS_NAME, "face-label").text == expected
 
             driver.find_element(By.ID, "camera-start").click()
             wait.until(lambda d: d.find_element(By.ID, "camera-capture").is_displayed())
