@@ -7,7 +7,10 @@ point per epoch of the training curves, the training reports and the model,
 then writes the run id to `models/run.json` and ends the run FINISHED.
 `evaluate` reopens that run, adds its metrics and reports, and ends it
 FINISHED again. A run that fails ends FAILED; one stopped by Ctrl-C or
-SIGTERM ends KILLED; none is left RUNNING.
+SIGTERM ends KILLED. A process killed outright (SIGKILL, the out-of-memory
+killer, a lost machine) cannot end its run: the next stage that opens a run on
+the same host marks such runs KILLED (`end_abandoned_runs`), so none stays
+RUNNING.
 
 The store is `MLFLOW_TRACKING_URI` when set, else `mlflow.db` and
 `mlartifacts/` in the project root, the root of the main checkout even when
@@ -24,6 +27,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +44,7 @@ import mlflow
 import mlflow.onnx
 import numpy as np
 import pandas as pd
+import psutil
 import yaml
 from dvc_data.hashfile.build import build
 from dvc_data.hashfile.db import HashFileDB
@@ -78,6 +83,10 @@ ONNX_MODEL_NAME = "onnx_model"
 ONNX_PYFUNC_MODEL_NAME = "emotion_model_onnx"
 PROBE_TIMEOUT_SECONDS = 5
 STAGE_TAG = "stage"
+# the process that holds a run open, so that a later stage on the same host can tell
+# whether it still lives (`end_abandoned_runs`)
+HOST_TAG, PID_TAG, PROCESS_STARTED_TAG = "process.host", "process.pid", "process.started"
+ABANDONED_TAG = "process.abandoned"
 # MLflow 3's UI opens an experiment without this tag on its GenAI overview (traces,
 # tokens); this value makes it open on the runs table, as for model training.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
@@ -621,6 +630,69 @@ def sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def process_tags() -> dict[str, str]:
+    """The tags naming this process: host, pid and start time (a pid alone can be reused)."""
+    me = psutil.Process()
+    return {
+        HOST_TAG: socket.gethostname(),
+        PID_TAG: str(me.pid),
+        PROCESS_STARTED_TAG: f"{me.create_time():.3f}",
+    }
+
+
+def _process_lives(pid: str | None, started: str | None) -> bool:
+    """Whether the process of these tags still runs on this host; True when unsure."""
+    try:
+        process = psutil.Process(int(pid))
+        return (
+            abs(process.create_time() - float(started)) < 1.0
+            and process.status() != psutil.STATUS_ZOMBIE
+        )
+    except (TypeError, ValueError):
+        return True  # tags this module did not write: not ours to judge
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return True  # e.g. another user's process: it exists
+
+
+def end_abandoned_runs(experiment_id: str) -> list[str]:
+    """End KILLED the runs of the experiment that a process of this host left RUNNING and
+    that process is gone: killed outright (SIGKILL, the out-of-memory killer) it could not
+    end them itself. Runs of other hosts are left alone (their processes cannot be seen
+    from here), like those of processes that still run. Returns the ids it ended."""
+    client = MlflowClient()
+    host = socket.gethostname()
+    quoted = host.replace("'", "\\'")
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{quoted}'",
+    )
+    ended = []
+    for run in found:
+        pid, started = run.data.tags.get(PID_TAG), run.data.tags.get(PROCESS_STARTED_TAG)
+        if _process_lives(pid, started):
+            continue
+        why = f"process {pid} on {host}, which held the run open, ended without ending it"
+        client.set_tag(run.info.run_id, ABANDONED_TAG, why)
+        client.set_terminated(run.info.run_id, "KILLED")
+        log.warning("MLflow run %s (%s) ended KILLED: %s", run.info.run_name, run.info.run_id, why)
+        ended.append(run.info.run_id)
+    return ended
+
+
+def start_run(experiment_id: str, run_id: str | None = None, **kwargs: Any) -> mlflow.ActiveRun:
+    """A new run in the experiment, or run `run_id` of it reopened, tagged with this process,
+    after ending the experiment's runs whose process is gone."""
+    end_abandoned_runs(experiment_id)
+    if run_id is None:
+        run = mlflow.start_run(experiment_id=experiment_id, **kwargs)
+    else:
+        run = mlflow.start_run(run_id=run_id, **kwargs)
+    mlflow.set_tags(process_tags())
+    return run
+
+
 @contextlib.contextmanager
 def ending_run() -> Iterator[None]:
     """End the active run FINISHED, or KILLED on Ctrl-C or SIGTERM, or FAILED on an error."""
@@ -689,9 +761,7 @@ def training_run(params: Params, paths: Paths) -> Iterator[list]:
     """
     uri, experiment_id = connect(params.mlflow.experiment)
     with sigterm_raises(), ending_run():
-        run = mlflow.start_run(
-            experiment_id=experiment_id, run_name=run_name(params), log_system_metrics=True
-        )
+        run = start_run(experiment_id, run_name=run_name(params), log_system_metrics=True)
         log.info("MLflow run %s (%s) in %s", run.info.run_name, run.info.run_id, uri)
         record_inputs(params, paths, **{STAGE_TAG: "training"})
         logger = epoch_logger()
@@ -754,10 +824,10 @@ def evaluation_run(params: Params, paths: Paths) -> Iterator[None]:
     why_not = _resumable(info, params, uri, paths.run_info)
     with sigterm_raises(), ending_run():
         if why_not is None:
-            run = mlflow.start_run(run_id=info.run_id)
+            run = start_run(experiment_id, run_id=info.run_id)
         else:
             log.warning("%s: logging this evaluation to a new MLflow run", why_not)
-            run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name(params))
+            run = start_run(experiment_id, run_name=run_name(params))
             record_inputs(params, paths, **{"mlflow.note.content": why_not})
             if info is not None:
                 mlflow.set_tag("train_run_id", info.run_id)
@@ -772,7 +842,7 @@ def evaluation_run(params: Params, paths: Paths) -> Iterator[None]:
 def export_run(params: Params, paths: Paths) -> Iterator[bool]:
     """The training's MLflow run reopened around an export, ended FINISHED again; yields
     False, with a warning and no run, when `models/run.json` names none in the store."""
-    uri, _ = connect(params.mlflow.experiment)
+    uri, experiment_id = connect(params.mlflow.experiment)
     info = read_run_info(paths.run_info)
     _, why_not = _training_run(info, uri, paths.run_info)
     if why_not:
@@ -780,7 +850,7 @@ def export_run(params: Params, paths: Paths) -> Iterator[bool]:
         yield False
         return
     with sigterm_raises(), ending_run():
-        run = mlflow.start_run(run_id=info.run_id)
+        run = start_run(experiment_id, run_id=info.run_id)
         log.info("MLflow run %s (%s) in %s", run.info.run_name, run.info.run_id, uri)
         yield True
 

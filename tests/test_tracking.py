@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -356,6 +357,102 @@ def test_sigterm_during_training_ends_the_run_killed(
     assert run.info.status == "KILLED"
     assert 1 <= len(client.get_metric_history(run_id, "loss")) < 1000
     assert not tiny_project.run_info.exists()
+
+
+@pytest.mark.slow
+def test_a_training_killed_outright_is_ended_killed_by_the_next_stage(
+    client, mlflow_server: str, tiny_project: Paths
+) -> None:
+    root = tiny_project.root
+    experiment = "test-sigkill"
+    params = tiny_params(
+        **{
+            "train.epochs": 1000,
+            "train.early_stopping.enabled": False,
+            "mlflow.experiment": experiment,
+        }
+    )
+    write_params(root / "params.yaml", params)
+    env = subprocess_env(MLFLOW_TRACKING_URI=mlflow_server)
+    log_file = root / "train.log"
+    with log_file.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.train"],
+            cwd=root,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 300
+        run_id = None
+        while time.monotonic() < deadline and process.poll() is None:
+            found = client.get_experiment_by_name(experiment)
+            runs = client.search_runs([found.experiment_id]) if found else []
+            if runs and client.get_metric_history(runs[0].info.run_id, "loss"):
+                run_id = runs[0].info.run_id
+                break
+            time.sleep(0.5)
+        assert run_id, "no epoch finished:\n" + log_file.read_text(errors="replace")[-3000:]
+        process.kill()  # SIGKILL: no handler runs, the run cannot be ended by its process
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert client.get_run(run_id).info.status == "RUNNING"  # what SIGKILL leaves
+
+    write_params(root / "params.yaml", tiny_params(**{"mlflow.experiment": experiment}))
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.train"], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    killed = client.get_run(run_id)
+    assert killed.info.status == "KILLED"
+    assert killed.data.tags[tracking.ABANDONED_TAG] == (
+        f"process {process.pid} on {socket.gethostname()}, which held the run open, ended "
+        "without ending it"
+    )
+    assert f"MLflow run {killed.info.run_name} ({run_id}) ended KILLED" in done.stderr
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]
+
+
+@pytest.mark.slow
+def test_runs_of_living_processes_and_of_other_hosts_stay_running(
+    client, mlflow_server: str
+) -> None:
+    import mlflow
+
+    experiment_id = client.create_experiment("test-abandoned")
+    here = tracking.process_tags()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    kinds = {
+        "mine": here,  # this process: alive
+        "reused pid": {**here, tracking.PROCESS_STARTED_TAG: "12.000"},  # another start
+        "gone": {**here, tracking.PID_TAG: str(gone.pid)},
+        "elsewhere": {**here, tracking.HOST_TAG: "another-host", tracking.PID_TAG: str(gone.pid)},
+        "untagged": {},
+    }
+    ids = {
+        kind: client.create_run(experiment_id, tags=tags).info.run_id
+        for kind, tags in kinds.items()
+    }
+    mlflow.set_tracking_uri(mlflow_server)
+    try:
+        ended = tracking.end_abandoned_runs(experiment_id)
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert sorted(ended) == sorted([ids["reused pid"], ids["gone"]])
+    status = {kind: client.get_run(run_id).info.status for kind, run_id in ids.items()}
+    assert status == {
+        "mine": "RUNNING",
+        "reused pid": "KILLED",
+        "gone": "KILLED",
+        "elsewhere": "RUNNING",
+        "untagged": "RUNNING",
+    }
 
 
 def test_an_unreachable_tracking_server_fails_fast_before_training(tiny_project: Paths) -> None:
