@@ -683,8 +683,12 @@ def end_abandoned_runs(experiment_id: str) -> list[str]:
 
 def start_run(experiment_id: str, run_id: str | None = None, **kwargs: Any) -> mlflow.ActiveRun:
     """A new run in the experiment, or run `run_id` of it reopened, tagged with this process,
-    after ending the experiment's runs whose process is gone."""
-    end_abandoned_runs(experiment_id)
+    after ending the experiment's runs whose process is gone (housekeeping: when the store
+    refuses it, a warning says so and the stage goes on)."""
+    try:
+        end_abandoned_runs(experiment_id)
+    except MlflowException as exc:
+        log.warning("could not look for runs left RUNNING by killed processes: %s", _reason(exc))
     if run_id is None:
         run = mlflow.start_run(experiment_id=experiment_id, **kwargs)
     else:
