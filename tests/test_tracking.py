@@ -6,6 +6,7 @@ epochs of the seed model); each test uses an experiment of its own.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -309,12 +311,12 @@ def test_a_run_whose_training_raises_ends_failed(client, tiny_data: Paths, tmp_p
     assert not paths.run_info.exists()
 
 
-@pytest.mark.slow
-def test_sigterm_during_training_ends_the_run_killed(
-    client, mlflow_server: str, tiny_project: Paths
-) -> None:
-    root = tiny_project.root
-    experiment = "test-sigterm"
+@contextlib.contextmanager
+def training_in_its_second_epoch(
+    client, mlflow_server: str, root: Path, experiment: str
+) -> Iterator[tuple[subprocess.Popen, str, Path]]:
+    """`python -m pipeline.train` of 1000 epochs in `root`, once its first epoch is logged:
+    yields the process, its run id and its log file; killed at the end if still alive."""
     params = tiny_params(
         **{
             "train.epochs": 1000,
@@ -343,12 +345,24 @@ def test_sigterm_during_training_ends_the_run_killed(
                 break
             time.sleep(0.5)
         assert run_id, "no epoch finished:\n" + log_file.read_text(errors="replace")[-3000:]
-        process.send_signal(signal.SIGTERM)
-        returncode = process.wait(timeout=120)
+        yield process, run_id, log_file
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+@pytest.mark.slow
+def test_sigterm_during_training_ends_the_run_killed(
+    client, mlflow_server: str, tiny_project: Paths
+) -> None:
+    with training_in_its_second_epoch(client, mlflow_server, tiny_project.root, "test-sigterm") as (
+        process,
+        run_id,
+        log_file,
+    ):
+        process.send_signal(signal.SIGTERM)
+        returncode = process.wait(timeout=120)
 
     output = log_file.read_text(errors="replace")
     assert returncode == 128 + signal.SIGTERM, output[-3000:]
@@ -365,46 +379,22 @@ def test_a_training_killed_outright_is_ended_killed_by_the_next_stage(
 ) -> None:
     root = tiny_project.root
     experiment = "test-sigkill"
-    params = tiny_params(
-        **{
-            "train.epochs": 1000,
-            "train.early_stopping.enabled": False,
-            "mlflow.experiment": experiment,
-        }
-    )
-    write_params(root / "params.yaml", params)
-    env = subprocess_env(MLFLOW_TRACKING_URI=mlflow_server)
-    log_file = root / "train.log"
-    with log_file.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.train"],
-            cwd=root,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 300
-        run_id = None
-        while time.monotonic() < deadline and process.poll() is None:
-            found = client.get_experiment_by_name(experiment)
-            runs = client.search_runs([found.experiment_id]) if found else []
-            if runs and client.get_metric_history(runs[0].info.run_id, "loss"):
-                run_id = runs[0].info.run_id
-                break
-            time.sleep(0.5)
-        assert run_id, "no epoch finished:\n" + log_file.read_text(errors="replace")[-3000:]
+    with training_in_its_second_epoch(client, mlflow_server, root, experiment) as (
+        process,
+        run_id,
+        _,
+    ):
         process.kill()  # SIGKILL: no handler runs, the run cannot be ended by its process
         process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
     assert client.get_run(run_id).info.status == "RUNNING"  # what SIGKILL leaves
 
     write_params(root / "params.yaml", tiny_params(**{"mlflow.experiment": experiment}))
     done = subprocess.run(
-        [sys.executable, "-m", "pipeline.train"], cwd=root, env=env, capture_output=True, text=True
+        [sys.executable, "-m", "pipeline.train"],
+        cwd=root,
+        env=subprocess_env(MLFLOW_TRACKING_URI=mlflow_server),
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     killed = client.get_run(run_id)
