@@ -10,7 +10,9 @@ FINISHED again. A run that fails ends FAILED; one stopped by Ctrl-C or
 SIGTERM ends KILLED. A process killed outright (SIGKILL, the out-of-memory
 killer, a lost machine) cannot end its run: the next stage that opens a run on
 the same host marks such runs KILLED (`end_abandoned_runs`), so none stays
-RUNNING.
+RUNNING. A stage whose DVC process is killed outright (`dvc queue kill
+--force`, `dvc queue stop --kill`) stops as if sent SIGTERM (`sigterm_raises`),
+since nothing would record what it goes on to write.
 
 The store is `MLFLOW_TRACKING_URI` when set, else `mlflow.db` and
 `mlartifacts/` in the project root, the root of the main checkout even when
@@ -87,6 +89,12 @@ STAGE_TAG = "stage"
 # whether it still lives (`end_abandoned_runs`)
 HOST_TAG, PID_TAG, PROCESS_STARTED_TAG = "process.host", "process.pid", "process.started"
 ABANDONED_TAG = "process.abandoned"
+STOPPED_TAG = "process.stopped"  # why a run ended KILLED: the signal, or its DVC process gone
+# set by DVC in the environment of every stage command it runs
+DVC_STAGE_VARIABLE = "DVC_STAGE"
+# what DVC runs a stage's command in ($SHELL -c); the process behind it is DVC's
+SHELLS = frozenset({"sh", "dash", "bash", "zsh", "fish", "ksh", "mksh"})
+RUNNER_POLL_SECONDS = 1.0
 # MLflow 3's UI opens an experiment without this tag on its GenAI overview (traces,
 # tokens); this value makes it open on the runs table, as for model training.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
@@ -612,21 +620,77 @@ def log_evaluation(metrics: dict, paths: Paths) -> None:
 # ---------------------------------------------------------------- run life cycle
 
 
+def stage_runner() -> psutil.Process | None:
+    """The DVC process running this stage (`dvc repro`, `dvc exp run`, a queue's
+    `dvc exp exec-run`): the nearest ancestor that is not the shell DVC runs the command
+    in. None outside DVC, where a parent that ends (a closed terminal, `nohup`) is no
+    reason to stop."""
+    if DVC_STAGE_VARIABLE not in os.environ:
+        return None
+    try:
+        for parent in psutil.Process().parents():
+            if parent.name() not in SHELLS:
+                return parent
+    except psutil.Error:
+        pass
+    return None
+
+
+def _ended(process: psutil.Process) -> bool:
+    try:
+        return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.Error:
+        return False
+
+
+def _command(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline()) or process.name()
+    except psutil.Error:
+        return "dvc"
+
+
+def _watch(runner: psutil.Process, command: str, stop: threading.Event, why: list[str]) -> None:
+    """SIGTERM this process once `runner` (`command`) has ended (checked every second),
+    saying why."""
+    while not stop.wait(RUNNER_POLL_SECONDS):
+        if _ended(runner):
+            why.append(
+                f"the DVC process that ran this stage (pid {runner.pid}: {command}) ended, "
+                "so nothing would record what this stage goes on to write"
+            )
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+
+
 @contextlib.contextmanager
-def sigterm_raises() -> Iterator[None]:
-    """Turn SIGTERM into `Terminated` (once; a second SIGTERM kills as usual)."""
+def sigterm_raises(runner: psutil.Process | None = None) -> Iterator[None]:
+    """Turn SIGTERM into `Terminated` (once; a second SIGTERM kills as usual), and raise
+    it as well when `runner`, by default the DVC process running this stage
+    (`stage_runner`), ends before the stage does: DVC's `queue kill --force` and
+    `queue stop --kill` SIGKILL that process alone, and the stage would train on,
+    orphaned, in a workspace DVC has deleted."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    why: list[str] = []
 
     def handler(signum: int, frame: Any) -> None:
         signal.signal(signal.SIGTERM, previous)
-        raise Terminated(signal.Signals(signum).name)
+        raise Terminated(why[0] if why else signal.Signals(signum).name)
 
     previous = signal.signal(signal.SIGTERM, handler)
+    runner = runner or stage_runner()
+    stop = threading.Event()
+    if runner is not None:
+        watch = (runner, _command(runner), stop, why)  # its command while it still runs
+        threading.Thread(target=_watch, args=watch, daemon=True).start()
     try:
         yield
     finally:
+        stop.set()
         signal.signal(signal.SIGTERM, previous)
 
 
@@ -704,6 +768,9 @@ def ending_run() -> Iterator[None]:
         yield
     except BaseException as exc:
         status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        if status == "KILLED" and mlflow.active_run() is not None:
+            with contextlib.suppress(Exception):  # ending it matters more than saying why
+                mlflow.set_tag(STOPPED_TAG, str(exc) or "SIGINT")
         try:
             mlflow.end_run(status)
         except Exception as end_exc:

@@ -885,46 +885,68 @@ def test_fer_predict_serves_the_champion_that_promote_chose(team, project, third
         assert close == same, (path, served["probabilities"], expected)
 
 
+def first_epoch_logged(client, name: str, repo: Path, env: dict[str, str]):
+    """The run of queued experiment `name`, once its first epoch is logged."""
+    deadline = time.monotonic() + QUEUE_TIMEOUT_SECONDS
+    while not (run := experiment_runs(client).get(name)) or not (
+        client.get_metric_history(run.info.run_id, "loss")
+    ):
+        assert time.monotonic() < deadline, queue_status(repo, env)
+        time.sleep(2)
+    return run
+
+
 @pytest.mark.slow
-def test_a_killed_queue_experiment_fails_and_its_run_ends_killed_while_the_other_finishes(
+def test_killed_queue_experiments_fail_and_their_runs_end_killed_while_the_other_finishes(
     team, project
 ) -> None:
     repo, env = project.repo, project.env
-    long = dvc(
-        repo, "exp", "run", "--queue", "-n", "doomed", "-S", "train.epochs=300",
-        "-S", "train.early_stopping.enabled=false", "-S", "train.learning_rate=0.003",
-        env=env,
-    )  # fmt: skip
-    short = dvc(
-        repo, "exp", "run", "--queue", "-n", "survivor", "-S", "train.learning_rate=0.0007",
-        env=env,
-    )  # fmt: skip
-    assert queued_names(long) == ["doomed"] and queued_names(short) == ["survivor"]
+    endless = ["-S", "train.epochs=300", "-S", "train.early_stopping.enabled=false"]
+    names = []
+    for name, overrides in (
+        ("doomed", [*endless, "-S", "train.learning_rate=0.003"]),
+        ("forced", [*endless, "-S", "train.learning_rate=0.002"]),
+        ("survivor", ["-S", "train.learning_rate=0.0007"]),
+    ):
+        names += queued_names(dvc(repo, "exp", "run", "--queue", "-n", name, *overrides, env=env))
+    assert names == ["doomed", "forced", "survivor"]
     with team_client(team) as client:
         try:
-            start_queue(repo, env)
-            deadline = time.monotonic() + QUEUE_TIMEOUT_SECONDS
-            while not (doomed := experiment_runs(client).get("doomed")) or not (
-                client.get_metric_history(doomed.info.run_id, "loss")
-            ):
-                assert time.monotonic() < deadline, queue_status(repo, env)
-                time.sleep(2)  # until its first epoch is logged
-            killed = dvc(repo, "queue", "kill", "doomed", env=env)
+            start_queue(repo, env)  # two workers: doomed and forced first, then survivor
+            first_epoch_logged(client, "doomed", repo, env)
+            killed = dvc(repo, "queue", "kill", "doomed", env=env)  # SIGINT
+            forced_run = first_epoch_logged(client, "forced", repo, env)
+            # SIGKILL to its `dvc exp exec-run` alone; the training must stop by itself
+            forced = dvc(repo, "queue", "kill", "--force", "forced", env=env)
             status = wait_for_queues({"a": repo}, env, timeout=900)["a"]
         finally:
             dvc(repo, "queue", "stop", "--kill", env=env, check=False)
         runs = experiment_runs(client)
-        epochs = len(client.get_metric_history(runs["doomed"].info.run_id, "loss"))
+        epochs = {
+            name: len(client.get_metric_history(runs[name].info.run_id, "loss"))
+            for name in ("doomed", "forced")
+        }
+        training_pid = int(forced_run.data.tags[tracking.PID_TAG])
+        deadline = time.monotonic() + 60
+        while (
+            runs["forced"].info.status == "RUNNING" or alive(training_pid)
+        ) and time.monotonic() < deadline:
+            time.sleep(1)
+            runs["forced"] = client.get_run(forced_run.info.run_id)
 
     assert "doomed has been killed" in killed.stdout
-    assert status["doomed"] == "Failed"
-    assert status["survivor"] == "Success", failure_logs(repo, status, env)
-    assert runs["doomed"].info.status == "KILLED"
-    assert runs["doomed"].data.tags["stage"] == "training"
-    assert 1 <= epochs < 300
+    assert "forced has been killed" in forced.stdout
+    expected = {"doomed": "Failed", "forced": "Failed", "survivor": "Success"}
+    assert status == expected, failure_logs(repo, status, env)
     assert runs["survivor"].info.status == "FINISHED"
-    logs = dvc(repo, "queue", "logs", "doomed", env=env, check=False).stdout
-    print(logs[-2000:])
+    for name in ("doomed", "forced"):
+        assert runs[name].info.status == "KILLED", name
+        assert runs[name].data.tags["stage"] == "training"
+        assert 1 <= epochs[name] < 300
+    assert runs["doomed"].data.tags[tracking.STOPPED_TAG] == "SIGINT"
+    why = runs["forced"].data.tags[tracking.STOPPED_TAG]
+    assert why.startswith("the DVC process that ran this stage (pid "), why
+    assert not alive(training_pid), "the forced experiment's training lives on"
 
 
 @pytest.mark.slow

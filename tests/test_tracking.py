@@ -369,8 +369,58 @@ def test_sigterm_during_training_ends_the_run_killed(
     assert "stopped: SIGTERM" in output
     run = client.get_run(run_id)
     assert run.info.status == "KILLED"
+    assert run.data.tags[tracking.STOPPED_TAG] == "SIGTERM"
     assert 1 <= len(client.get_metric_history(run_id, "loss")) < 1000
     assert not tiny_project.run_info.exists()
+
+
+_WATCHING = """
+import sys, time, psutil
+from pipeline import tracking
+with tracking.sigterm_raises(psutil.Process(int(sys.argv[1]))):
+    print("watching", flush=True)
+    time.sleep(120)
+print("not stopped")
+"""
+
+
+def test_a_stage_stops_as_if_sent_sigterm_when_the_dvc_process_running_it_is_killed() -> None:
+    runner = subprocess.Popen(["sleep", "300"])  # stands in for `dvc exp exec-run`
+    stage = subprocess.Popen(
+        [sys.executable, "-c", _WATCHING, str(runner.pid)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+    )
+    try:
+        assert stage.stdout.readline() == "watching\n", stage.stderr.read()
+        runner.kill()  # left a zombie (not waited for), as a killed child often is at first
+        out, err = stage.communicate(timeout=60)
+    finally:
+        for process in (runner, stage):
+            process.kill()
+            process.wait()
+
+    assert "not stopped" not in out
+    assert (
+        f"Terminated: the DVC process that ran this stage (pid {runner.pid}: sleep 300) ended, "
+        "so nothing would record what this stage goes on to write"
+    ) in err
+
+
+_RUNNER = "from pipeline import tracking; r = tracking.stage_runner(); print(r and r.pid)"
+
+
+@pytest.mark.parametrize("under_dvc", [True, False])
+def test_the_stage_runner_is_the_process_behind_the_shell_dvc_starts(under_dvc: bool) -> None:
+    env = subprocess_env(DVC_STAGE="train" if under_dvc else None)
+    # `; true` keeps the shell from exec-ing the command: it stays between the two
+    command = f"{sys.executable} -c '{_RUNNER}'; true"
+    done = subprocess.run(["sh", "-c", command], env=env, capture_output=True, text=True)
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == (str(os.getpid()) if under_dvc else "None")
 
 
 @pytest.mark.slow
