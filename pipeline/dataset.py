@@ -4,7 +4,8 @@ Images are loaded once with `keras.utils.image_dataset_from_directory` and
 cached in memory. The training set is shuffled every epoch with a seeded
 shuffle and augmented per batch with stateless random ops whose seeds derive
 from `train.seed` and the batch index, so the same params give the same
-batches on every run. The validation set keeps its order.
+batches on every run; with `train.augmentation.mixup`, images and labels of a
+batch are then blended in pairs (`mix_batch`). The validation set keeps its order.
 """
 
 from __future__ import annotations
@@ -142,13 +143,32 @@ def _random_erasing(images: tf.Tensor, seed: tf.Tensor, probability: float) -> t
     return tf.where(mask[..., None], noise, images)
 
 
+def mix_batch(
+    images: tf.Tensor, labels: tf.Tensor, seed: tf.Tensor, alpha: float
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """mixup (Zhang et al., 2018): each image and its one-hot label blended with those of
+    the next image of the (shuffled) batch, weight λ ~ Beta(alpha, alpha) per image."""
+    n = tf.shape(images)[0]
+    a = tf.random.stateless_gamma([n], seed=seed + [12, 0], alpha=alpha)
+    b = tf.random.stateless_gamma([n], seed=seed + [13, 0], alpha=alpha)
+    weight = a / tf.maximum(a + b, 1e-12)
+    mixed_images = weight[:, None, None, None] * images + (
+        1.0 - weight[:, None, None, None]
+    ) * tf.roll(images, shift=-1, axis=0)
+    mixed_labels = weight[:, None] * labels + (1.0 - weight[:, None]) * tf.roll(
+        labels, shift=-1, axis=0
+    )
+    return mixed_images, mixed_labels
+
+
 def training_input(
     split: Split,
     batch_size: int,
     seed: int,
     augmentation: AugmentationParams,
 ) -> tf.data.Dataset:
-    """Endless shuffled, batched and augmented training batches; fit() takes steps_per_epoch."""
+    """Endless shuffled, batched and augmented (and, with `augmentation.mixup`, mixed)
+    training batches; fit() takes steps_per_epoch."""
     dataset = (
         split.images.shuffle(split.count, seed=seed, reshuffle_each_iteration=True)
         .repeat()
@@ -159,7 +179,10 @@ def training_input(
     def augment(index, batch):
         images, labels = batch
         batch_seed = tf.stack([tf.constant(seed, tf.int64), index])
-        return augment_batch(images, batch_seed, augmentation), labels
+        images = augment_batch(images, batch_seed, augmentation)
+        if augmentation.mixup:
+            images, labels = mix_batch(images, labels, batch_seed, augmentation.mixup)
+        return images, labels
 
     return dataset.map(augment, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
 

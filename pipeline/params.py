@@ -106,6 +106,7 @@ class AugmentationParams(_Group):
     zoom: float = Field(ge=0.0, le=0.9)
     translation: float = Field(ge=0.0, le=0.5)
     random_erasing: float = Field(ge=0.0, le=1.0)
+    mixup: float = Field(ge=0.0, le=10.0)
 
 
 Monitor = Literal["val_accuracy", "val_loss", "accuracy", "loss"]

@@ -184,7 +184,7 @@ def test_unknown_key_lists_the_keys_of_its_group(raw: dict) -> None:
         parse_params(raw)
     assert str(caught.value) == (
         "train.augmentation.shear: unknown key; allowed keys in train.augmentation: "
-        "horizontal_flip, rotation, zoom, translation, random_erasing"
+        "horizontal_flip, rotation, zoom, translation, random_erasing, mixup"
     )
 
 

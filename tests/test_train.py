@@ -24,6 +24,7 @@ from pipeline.dataset import (
     augment_batch,
     evaluation_input,
     load_split,
+    mix_batch,
     steps_per_epoch,
     training_input,
 )
@@ -38,7 +39,12 @@ SHORT = {
     "train.bn_recalibration_batches": 2,
 }
 NO_AUGMENTATION = AugmentationParams(
-    horizontal_flip=False, rotation=0.0, zoom=0.0, translation=0.0, random_erasing=0.0
+    horizontal_flip=False,
+    rotation=0.0,
+    zoom=0.0,
+    translation=0.0,
+    random_erasing=0.0,
+    mixup=0.0,
 )
 
 
@@ -296,6 +302,7 @@ ALL_PARTS = {
     "zoom": 0.1,
     "translation": 0.1,
     "random_erasing": 0.5,
+    "mixup": 0.0,  # it mixes labels too: `training_input`, tested on its own below
 }
 
 
@@ -415,6 +422,54 @@ def test_training_batches_are_augmented_per_batch_with_the_seed(tiny_data: Paths
         assert np.array_equal(a[0], b[0])
         assert np.array_equal(a[1], p[1])  # the same images, now augmented
         assert not np.array_equal(a[0], p[0])
+
+
+def test_mixup_blends_each_image_and_its_label_with_the_next_by_one_weight() -> None:
+    count = len(CLASSES)
+    images = np.arange(count, dtype=np.float32)[:, None, None, None] * 30 + np.zeros(
+        (count, 48, 48, 1), np.float32
+    )  # image i is all 30 * i
+    labels = np.eye(count, dtype=np.float32)  # image i is of class i
+    seed = tf.constant([42, 3], tf.int64)
+    mixed, mixed_labels = (t.numpy() for t in mix_batch(images, labels, seed, 0.4))
+    again = mix_batch(images, labels, seed, 0.4)[0].numpy()
+    other = mix_batch(images, labels, tf.constant([42, 4], tf.int64), 0.4)[0].numpy()
+
+    weight = mixed_labels[np.arange(count), np.arange(count)]  # its own class's share
+    following = (np.arange(count) + 1) % count
+    np.testing.assert_allclose(mixed_labels.sum(axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(mixed_labels[np.arange(count), following], 1 - weight, rtol=1e-5)
+    expected = weight * 30 * np.arange(count) + (1 - weight) * 30 * following
+    np.testing.assert_allclose(mixed[:, 0, 0, 0], expected, rtol=1e-5, atol=1e-4)
+    assert np.all(mixed == mixed[:, :1, :1, :])  # one weight a whole image
+    assert weight.min() >= 0 and weight.max() <= 1 and weight.std() > 0.05  # one per image
+    assert np.array_equal(mixed, again)
+    assert not np.array_equal(mixed, other)
+
+
+def test_training_batches_with_mixup_blend_the_augmented_batch(tiny_data: Paths) -> None:
+    split = load_split(tiny_data.processed / "train", 48)
+    plain = take_batches(training_input(split, 16, 42, NO_AUGMENTATION), 3)
+    mixed = take_batches(
+        training_input(split, 16, 42, NO_AUGMENTATION.model_copy(update={"mixup": 0.3})), 3
+    )
+    again = take_batches(
+        training_input(split, 16, 42, NO_AUGMENTATION.model_copy(update={"mixup": 0.3})), 3
+    )
+
+    for (x, y), (mx, my), (ax, ay) in zip(plain, mixed, again, strict=True):
+        assert np.array_equal(mx, ax) and np.array_equal(my, ay)
+        np.testing.assert_allclose(my.sum(axis=1), 1.0, rtol=1e-6)
+        assert not np.array_equal(my, y)  # soft labels now
+        # each label is a blend of the image's own class and the next image's
+        sources = (y + np.roll(y, -1, axis=0)) > 0
+        assert np.all(my[~sources] == 0)
+        # and the image the same blend, where the two classes differ
+        own, following = y.argmax(axis=1), np.roll(y.argmax(axis=1), -1)
+        differ = own != following
+        weight = my[np.arange(len(y)), own][differ, None, None, None]
+        blend = weight * x[differ] + (1 - weight) * np.roll(x, -1, axis=0)[differ]
+        np.testing.assert_allclose(mx[differ], blend, rtol=1e-5, atol=1e-3)
 
 
 def test_validation_batches_keep_file_order(tiny_data: Paths) -> None:
