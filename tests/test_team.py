@@ -582,8 +582,12 @@ def wait_for_queues(
 
 
 def start_queue(repo: Path, env: dict[str, str]) -> None:
-    """`dvc queue start -j 2`, its output in a file beside `repo`: the workers it leaves
-    running hold whatever it writes to, so a pipe would not close until they end."""
+    """`dvc exp clean`, then `dvc queue start -j 2`, its output in a file beside `repo`: the
+    workers it leaves running hold whatever it writes to, so a pipe would not close until
+    they end. The clean first, as the README says: a `dvc queue stop` (the sweeps end with
+    one) leaves its shutdown message for workers that have already ended, and the next
+    workers of those names take it and stop after one experiment each (dvc#10427)."""
+    dvc(repo, "exp", "clean", env=env)
     log_file = repo.parent / f"{repo.name}-queue-start.log"
     with log_file.open("ab") as out:
         done = subprocess.run(
