@@ -561,8 +561,17 @@ def experiment_runs(client) -> dict:
 
 
 def queue_status(repo: Path, env: dict[str, str]) -> dict[str, str]:
-    """`dvc queue status` as {experiment name: Queued | Running | Success | Failed}."""
-    rows = [line.split() for line in dvc(repo, "queue", "status", env=env).stdout.splitlines()]
+    """`dvc queue status` as {experiment name: Queued | Running | Success | Failed}. DVC
+    reads its workers' files as they write them, and now and then fails on one half
+    written (`ERROR: unexpected error - Expecting value: line 1 column 1`, as in
+    dvc#8014): asked again, it answers."""
+    for _ in range(3):
+        done = dvc(repo, "queue", "status", env=env, check=False)
+        if done.returncode == 0 or "unexpected error" not in done.stderr + done.stdout:
+            break
+        time.sleep(2)
+    assert done.returncode == 0, f"dvc queue status: {(done.stdout + done.stderr)[-5000:]}"
+    rows = [line.split() for line in done.stdout.splitlines()]
     states = ("Queued", "Running", *ENDED)
     return {row[1]: row[-1] for row in rows if len(row) >= 3 and row[-1] in states}
 
@@ -941,7 +950,8 @@ def test_killed_queue_experiments_fail_and_their_runs_end_killed_while_the_other
     assert "doomed has been killed" in killed.stdout
     assert "forced has been killed" in forced.stdout
     expected = {"doomed": "Failed", "forced": "Failed", "survivor": "Success"}
-    assert status == expected, failure_logs(repo, status, env)
+    mine = {name: status.get(name) for name in expected}  # the sweeps' are in the queue too
+    assert mine == expected, failure_logs(repo, mine, env)
     assert runs["survivor"].info.status == "FINISHED"
     for name in ("doomed", "forced"):
         assert runs[name].info.status == "KILLED", name
