@@ -228,6 +228,9 @@ def queue_seconds(repo: Path, env: dict[str, str], rates: tuple[str, ...], jobs:
     """Wall time of `dvc queue start -j jobs` running one queued experiment per rate."""
     dvc = str(BIN / "dvc")
     run([dvc, "exp", "run", "--queue", "-S", f"train.learning_rate={','.join(rates)}"], repo, env)
+    # the stop after the previous round leaves a shutdown message that the next workers of
+    # the same names would take, stopping after one experiment each (README: dvc#10427)
+    run([dvc, "exp", "clean"], repo, env)
     started = time.perf_counter()
     try:
         # its output to a file: the workers it leaves running hold it open, a pipe would
