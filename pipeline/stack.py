@@ -200,9 +200,16 @@ def port_is_free(host: str, port: int) -> bool:
 
 
 def port_answers(host: str, port: int) -> bool:
+    """Something listens on `port`.
+
+    A connection to a free port in the ephemeral range can, now and then, be given that very
+    port as its own and connect to itself (TCP simultaneous open); that is nobody answering.
+    """
     with socket.socket() as sock:
         sock.settimeout(1)
-        return sock.connect_ex((host, port)) == 0
+        if sock.connect_ex((host, port)) != 0:
+            return False
+        return sock.getsockname() != sock.getpeername()
 
 
 def _require_free(name: str, host: str, ports: dict[str, int], option: str) -> None:
@@ -246,21 +253,33 @@ def _wait_until(
     raise _failed(name, f"did not answer within {timeout} s", log_file)
 
 
-def _stop_group(pid: int) -> None:
-    """SIGTERM the process group `pid` leads (a server and its workers), SIGKILL if it stays."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGTERM)
-    deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
+def _group_gone(pid: int, seconds: float) -> bool:
+    """Wait up to `seconds` for every process of the group `pid` leads to end."""
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
             os.killpg(pid, 0)
         except ProcessLookupError:
-            return
+            return True
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)  # our own child when `up` failed: reap it
         time.sleep(0.2)
+    return False
+
+
+def _stop_group(pid: int) -> None:
+    """SIGTERM the process group `pid` leads (a server and its workers), SIGKILL if it stays.
+
+    Returns once the group is gone, so its ports are free for the next start.
+    """
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
+    if _group_gone(pid, STOP_TIMEOUT_SECONDS):
+        return
+    log.warning("process group %d ignored SIGTERM for %d s: killing it", pid, STOP_TIMEOUT_SECONDS)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
+    _group_gone(pid, STOP_TIMEOUT_SECONDS)
 
 
 def _http_ok(url: str) -> bool:

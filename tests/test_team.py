@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import importlib
 import json
+import logging
 import os
 import re
 import shlex
@@ -137,6 +138,15 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def answering(settings: stack.Settings) -> list[str]:
+    """The stack's ports something still listens on, each named with its server."""
+    return [
+        f"{what} {port}"
+        for what, port in all_ports(settings).items()
+        if stack.port_answers("127.0.0.1", port)
+    ]
+
+
 def all_ports(settings: stack.Settings) -> dict[str, int]:
     return {
         "mlflow": settings.mlflow_port,
@@ -221,6 +231,61 @@ def test_commands_other_than_up_need_a_started_stack(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "no stack in" in done.stderr and "make stack-up" in done.stderr
     assert not (tmp_path / "stack").exists()
+
+
+def test_a_probe_that_connects_to_itself_is_not_a_server(monkeypatch) -> None:
+    # Linux now and then gives a connection to a free ephemeral port that very port as its
+    # own, and it connects to itself; a socket bound to the port it dials does so every time
+    import socket
+
+    port, other = free_port(), free_port()
+    made = socket.socket
+
+    def bound_to_the_port(*args, **kwargs):
+        sock = made(*args, **kwargs)
+        sock.bind(("127.0.0.1", port))
+        return sock
+
+    with monkeypatch.context() as patch:
+        patch.setattr(stack.socket, "socket", bound_to_the_port)
+        with made() as probe:  # the same trick, unpatched: it does connect
+            probe.bind(("127.0.0.1", other))
+            assert probe.connect_ex(probe.getsockname()) == 0
+        assert not stack.port_answers("127.0.0.1", port)
+    with made() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        assert stack.port_answers("127.0.0.1", server.getsockname()[1])
+
+
+def test_a_server_that_ignores_sigterm_is_killed_and_gone_when_stop_returns(
+    monkeypatch, caplog
+) -> None:
+    port = free_port()
+    program = (
+        "import signal, socket, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        f"s = socket.create_server(('127.0.0.1', {port}))\n"
+        "print('up', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    server = subprocess.Popen(
+        [sys.executable, "-c", program], stdout=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        assert server.stdout.readline() == b"up\n"
+        monkeypatch.setattr(stack, "STOP_TIMEOUT_SECONDS", 1)
+
+        with caplog.at_level(logging.WARNING, logger=stack.__name__):
+            stack._stop_group(server.pid)
+
+        assert f"process group {server.pid} ignored SIGTERM for 1 s: killing it" in caplog.text
+        with pytest.raises(ProcessLookupError):
+            os.killpg(server.pid, 0)  # gone, and reaped, when the stop returns
+        assert stack.port_is_free("127.0.0.1", port)
+    finally:
+        server.kill()
+        server.wait()
 
 
 # ---------------------------------------------------------------- the running stack
@@ -1005,12 +1070,7 @@ def test_down_stops_every_server_and_keeps_the_data_for_the_next_up(team) -> Non
     assert "rm -rf" in done.stderr
     for name, pid in pids.items():
         assert not alive(pid), f"{name} (pid {pid}) still runs"
-    answering = [
-        f"{what} {port}"
-        for what, port in all_ports(team.settings).items()
-        if stack.port_answers("127.0.0.1", port)
-    ]
-    assert not answering
+    assert not answering(team.settings)
     assert stack_command(team.root, "status").returncode == 1
     print(f"down: {seconds:.1f} s")
 
@@ -1023,9 +1083,7 @@ def test_down_stops_every_server_and_keeps_the_data_for_the_next_up(team) -> Non
             patch.setenv(key, value)
         assert client.get_experiment_by_name("kept-across-restarts").experiment_id == kept
     assert stack_command(team.root, "down").returncode == 0
-    assert not [
-        port for port in all_ports(team.settings).values() if stack.port_answers("127.0.0.1", port)
-    ]
+    assert not answering(team.settings)
 
 
 # ---------------------------------------------------------------- deploy/compose.yaml
