@@ -52,3 +52,39 @@ class RecalibrateBatchNorm(keras.callbacks.Callback):
     def on_train_batch_end(self, batch: int, logs=None) -> None:
         if batch == self.steps_per_epoch - 1:
             self.recalibrate()
+
+
+class ValidateTheAverage(keras.callbacks.SwapEMAWeights):
+    """`train.ema_mode: swap`: the optimizer's moving average of the weights stands in for
+    the weights from each epoch's last step to the end of the epoch.
+
+    Keras' `SwapEMAWeights` swaps the average in for validation only, or for the whole of
+    `on_epoch_end` and the next epoch's start (`swap_on_epoch`); neither lets BatchNorm
+    statistics be recomputed for the average before validation. Here the average comes
+    in after the last training batch, `recalibrate` (when given) recomputes BatchNorm's
+    statistics for it, validation and the callbacks before this one in `on_epoch_end`
+    (the checkpoint, early stopping) see it, and this callback, last in the list, swaps the
+    weights back: training goes on from its own weights, the average untouched. The
+    optimizer (`use_ema=True`, `ema_overwrite_frequency=None`) then puts the average in
+    place once, when `fit` ends.
+    """
+
+    def __init__(self, steps_per_epoch: int, recalibrate=None):
+        super().__init__(swap_on_epoch=False)
+        self.steps_per_epoch = steps_per_epoch
+        self.recalibrate = recalibrate
+
+    def on_train_batch_end(self, batch: int, logs=None) -> None:
+        if batch == self.steps_per_epoch - 1:
+            super().on_test_begin()  # swaps the average in
+            if self.recalibrate is not None:
+                self.recalibrate()
+
+    def on_test_begin(self, logs=None) -> None:
+        """Validation inside `fit` runs on the average already swapped in."""
+
+    def on_test_end(self, logs=None) -> None:
+        """It stays in until this callback's `on_epoch_end`."""
+
+    def on_epoch_end(self, epoch: int, logs=None) -> None:
+        super().on_test_end()  # swaps the weights back

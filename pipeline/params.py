@@ -144,6 +144,7 @@ class TrainParams(_Group):
     class_weight: Literal["none", "balanced"]
     label_smoothing: float = Field(ge=0.0, le=0.5)
     ema_momentum: float = Field(ge=0.0, lt=1.0)
+    ema_mode: Literal["overwrite", "swap"]
     temperature_scaling: bool
     bn_recalibration_batches: int = Field(ge=0)
     precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"]

@@ -61,15 +61,17 @@ def learning_rate_at(epoch: int, train: TrainParams) -> float:
 
 def make_optimizer(train: TrainParams, steps_per_epoch: int):
     """`train.optimizer`; with `train.ema_momentum`, one that keeps an exponential moving
-    average of the weights and puts it in place of the weights after each epoch's last
-    step, so that BatchNorm recalibration, validation and the checkpoint all see it."""
+    average of the weights. With `train.ema_mode: overwrite` it puts the average in place
+    of the weights after each epoch's last step, so that BatchNorm recalibration,
+    validation and the checkpoint all see it; with `swap`, only when `fit` ends
+    (`ValidateTheAverage` lends it to each epoch's end)."""
     import keras
 
     ema = (
         {
             "use_ema": True,
             "ema_momentum": train.ema_momentum,
-            "ema_overwrite_frequency": steps_per_epoch,
+            "ema_overwrite_frequency": steps_per_epoch if train.ema_mode == "overwrite" else None,
         }
         if train.ema_momentum
         else {}
@@ -172,7 +174,7 @@ def fit_model(
     history and the seconds `model.fit` took."""
     import keras  # as in `run`: once the params are good
 
-    from pipeline.callbacks import RecalibrateBatchNorm
+    from pipeline.callbacks import RecalibrateBatchNorm, ValidateTheAverage
     from pipeline.dataset import evaluation_input, training_input
     from pipeline.models import build_model
 
@@ -196,6 +198,7 @@ def fit_model(
         if train.class_weight == "balanced"
         else None
     )
+    recalibration = None
     if train.bn_recalibration_batches:
         fixed_batches = (
             train_split.images.shuffle(
@@ -204,7 +207,17 @@ def fit_model(
             .map(lambda image, label: image)
             .batch(train.batch_size)
         )
-        callbacks.append(RecalibrateBatchNorm(fixed_batches, train.bn_recalibration_batches, steps))
+        recalibration = RecalibrateBatchNorm(fixed_batches, train.bn_recalibration_batches, steps)
+    if train.ema_momentum and train.ema_mode == "swap":
+        # last, so that the checkpoint's on_epoch_end still sees the average; it
+        # recalibrates BatchNorm itself, once the average is in
+        if recalibration is not None:
+            recalibration.set_model(model)
+        callbacks.append(
+            ValidateTheAverage(steps, recalibration.recalibrate if recalibration else None)
+        )
+    elif recalibration is not None:
+        callbacks.append(recalibration)
     started = time.perf_counter()
     fit = model.fit(
         training_input(train_split, train.batch_size, train.seed, train.augmentation),

@@ -18,7 +18,7 @@ from PIL import Image
 
 import pipeline
 from pipeline import CLASSES, metrics, runtime, train
-from pipeline.callbacks import RecalibrateBatchNorm
+from pipeline.callbacks import RecalibrateBatchNorm, ValidateTheAverage
 from pipeline.dataset import (
     Split,
     augment_batch,
@@ -233,6 +233,92 @@ def test_ema_puts_the_averaged_weights_in_place_after_each_epoch(name: str) -> N
             np.testing.assert_array_equal(weights, average)
         elif step:  # (the first step starts the average at the weights)
             assert not np.allclose(weights, average)
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_ema_swap_validates_and_checkpoints_the_average_and_trains_on_from_the_weights(
+    name: str,
+) -> None:
+    params = train_params(optimizer=name, ema_momentum=0.9, ema_mode="swap", learning_rate=0.1)
+    optimizer = train.make_optimizer(params, steps_per_epoch=3)
+    assert (optimizer.use_ema, optimizer.ema_overwrite_frequency) == (True, None)
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer=optimizer, loss="mse")
+    x = np.array([[1, 0], [0, 1], [1, 1], [2, 1], [1, 2], [0, 0]], np.float32)
+    y = np.full((6, 1), 3.0, np.float32)
+
+    def weights():
+        return [keras.ops.convert_to_numpy(v).copy() for v in model.trainable_variables]
+
+    def average():
+        moving = optimizer._model_variables_moving_average
+        return [keras.ops.convert_to_numpy(v).copy() for v in moving]
+
+    seen: dict[str, list] = {"last step": [], "recalibrated": [], "checkpoint": [], "after": []}
+
+    class Before(keras.callbacks.Callback):  # where the checkpoint and early stopping sit
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 2:
+                seen["last step"].append((weights(), average()))
+
+        def on_epoch_end(self, epoch, logs=None):
+            seen["checkpoint"].append((weights(), logs["val_loss"]))
+
+    class After(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            seen["after"].append((weights(), average()))
+
+    swap = ValidateTheAverage(3, recalibrate=lambda: seen["recalibrated"].append(weights()))
+    model.fit(
+        x,
+        y,
+        batch_size=2,
+        epochs=2,
+        shuffle=False,
+        verbose=0,
+        validation_data=(x, y),
+        callbacks=[Before(), swap, After()],
+    )
+
+    def same(got, want):  # Keras swaps by adding and subtracting: equal to a float's last bit
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+    for epoch in range(2):
+        trained, averaged = seen["last step"][epoch]
+        assert not np.allclose(trained[0], averaged[0])
+        # BatchNorm is recalibrated, validated and checkpointed with the average ...
+        for got, want in zip(seen["recalibrated"][epoch], averaged, strict=True):
+            same(got, want)
+        checkpointed, val_loss = seen["checkpoint"][epoch]
+        for got, want in zip(checkpointed, averaged, strict=True):
+            same(got, want)
+        kernel, bias = averaged
+        assert val_loss == pytest.approx(float(np.mean((x @ kernel + bias - y) ** 2)), rel=1e-5)
+        # ... and training goes on from its own weights, the average kept
+        back, kept = seen["after"][epoch]
+        for got, want in zip([*back, *kept], [*trained, *averaged], strict=True):
+            same(got, want)
+    # when fit ends, the model holds the last average
+    for got, want in zip(weights(), seen["last step"][1][1], strict=True):
+        same(got, want)
+
+
+def test_ema_swap_trains_the_pipeline_with_batchnorm_recalibrated(
+    tmp_path: Path, tiny_data: Paths
+) -> None:
+    _, paths, result = train_into(
+        tmp_path, tiny_data, **{"train.ema_momentum": 0.9, "train.ema_mode": "swap"}
+    )
+
+    # model.h5 is the average that was validated, BatchNorm statistics included
+    model = keras.models.load_model(paths.model, compile=False)
+    probabilities = model.predict(validation_images(paths), batch_size=16, verbose=0)
+    labels = load_split(paths.processed / "validation", 48).labels
+    logged = result.history[result.best_epoch - 1]
+    accuracy = float(np.mean(probabilities.argmax(axis=1) == labels))
+    assert accuracy == pytest.approx(logged["val_accuracy"], abs=1e-6)
+    chosen = probabilities[np.arange(len(labels)), labels]
+    assert float(np.mean(-np.log(chosen))) == pytest.approx(logged["val_loss"], rel=1e-4)
 
 
 def test_balanced_class_weight_is_n_over_k_times_count() -> None:
