@@ -6,7 +6,21 @@ import keras
 import tensorflow as tf
 
 
-class RecalibrateBatchNorm(keras.callbacks.Callback):
+class _AtEachEpochsLastStep:
+    """Calls `at_last_step` after the last training batch of each epoch (`steps_per_epoch`
+    batches), before validation and `on_epoch_end`."""
+
+    steps_per_epoch: int
+
+    def on_train_batch_end(self, batch: int, logs=None) -> None:
+        if batch == self.steps_per_epoch - 1:
+            self.at_last_step()
+
+    def at_last_step(self) -> None:
+        raise NotImplementedError
+
+
+class RecalibrateBatchNorm(_AtEachEpochsLastStep, keras.callbacks.Callback):
     """Recompute BatchNormalization statistics before each validation ("precise BN").
 
     Keras keeps BatchNorm means and variances as running averages with momentum
@@ -49,12 +63,11 @@ class RecalibrateBatchNorm(keras.callbacks.Callback):
             for layer, momentum in zip(layers, momenta, strict=True):
                 layer.momentum = momentum
 
-    def on_train_batch_end(self, batch: int, logs=None) -> None:
-        if batch == self.steps_per_epoch - 1:
-            self.recalibrate()
+    def at_last_step(self) -> None:
+        self.recalibrate()
 
 
-class ValidateTheAverage(keras.callbacks.SwapEMAWeights):
+class ValidateTheAverage(_AtEachEpochsLastStep, keras.callbacks.SwapEMAWeights):
     """`train.ema_mode: swap`: the optimizer's moving average of the weights stands in for
     the weights from each epoch's last step to the end of the epoch.
 
@@ -74,11 +87,10 @@ class ValidateTheAverage(keras.callbacks.SwapEMAWeights):
         self.steps_per_epoch = steps_per_epoch
         self.recalibrate = recalibrate
 
-    def on_train_batch_end(self, batch: int, logs=None) -> None:
-        if batch == self.steps_per_epoch - 1:
-            super().on_test_begin()  # swaps the average in
-            if self.recalibrate is not None:
-                self.recalibrate()
+    def at_last_step(self) -> None:
+        super().on_test_begin()  # swaps the average in
+        if self.recalibrate is not None:
+            self.recalibrate()
 
     def on_test_begin(self, logs=None) -> None:
         """Validation inside `fit` runs on the average already swapped in."""

@@ -156,15 +156,15 @@ class TrainParams(_Group):
 
     @model_validator(mode="after")
     def _check_distribution(self) -> TrainParams:
-        if self.distribution == "mirrored" and self.ema_momentum:
+        if self.distribution == "mirrored" and self.ema_momentum and self.ema_mode == "overwrite":
             # Keras 3.15 puts the average in place inside a tf.cond, and MirroredStrategy
             # refuses the cross-replica update there ("`merge_call` called while defining
-            # a new graph"), at the first step
+            # a new graph"), at the first step; swapping it in from a callback works
             raise ParamsError(
-                f"train.ema_momentum: {self.ema_momentum} does not train with "
-                "train.distribution 'mirrored' (Keras 3 cannot overwrite mirrored weights "
-                "with their average); set train.ema_momentum to 0.0, or train.distribution "
-                "to none"
+                f"train.ema_momentum: {self.ema_momentum} with train.ema_mode 'overwrite' "
+                "does not train with train.distribution 'mirrored' (Keras 3 cannot overwrite "
+                "mirrored weights with their average during a step); set train.ema_mode to "
+                "swap, train.ema_momentum to 0.0, or train.distribution to none"
             )
         return self
 

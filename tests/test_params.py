@@ -142,11 +142,11 @@ BAD = {
         "'multi_worker'",
         "one of 'none', 'mirrored'",
     ),
-    "ema with mirrored": (
+    "ema overwrite with mirrored": (
         {"train.distribution": "mirrored", "train.ema_momentum": 0.99},
         "train.ema_momentum",
-        "0.99",
-        "set train.ema_momentum to 0.0, or train.distribution to none",
+        "0.99 with train.ema_mode 'overwrite'",
+        "set train.ema_mode to swap, train.ema_momentum to 0.0, or train.distribution to none",
     ),
     "bad kaggle slug": (
         {"data.kaggle_dataset": "fer2013"},
@@ -166,6 +166,16 @@ def test_wrong_value_names_key_value_and_what_is_allowed(raw: dict, case: str) -
     assert message.startswith(f"{key}: ")
     assert shown in message
     assert allowed in message
+
+
+def test_ema_in_swap_mode_is_allowed_with_mirrored(raw: dict) -> None:
+    overrides = {
+        "train.distribution": "mirrored",
+        "train.ema_momentum": 0.99,
+        "train.ema_mode": "swap",
+    }
+    train = parse_params(apply_overrides(raw, overrides)).train
+    assert (train.distribution, train.ema_momentum, train.ema_mode) == ("mirrored", 0.99, "swap")
 
 
 def test_unknown_group_lists_the_groups(raw: dict) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import keras
 import numpy as np
@@ -71,6 +72,19 @@ def train_into(root: Path, tiny_data: Paths, **overrides: object):
 def validation_images(paths: Paths) -> np.ndarray:
     split = load_split(paths.processed / "validation", 48)
     return np.stack([image.numpy() for image, _ in split.images])
+
+
+def assert_scores_what_was_logged(paths: Paths, probabilities, result, loss=False) -> None:
+    """`probabilities`, model.h5's for the validation faces, give the val_accuracy (and
+    with `loss`, the val_loss: no label smoothing) logged at the best epoch: the file is
+    the checkpoint of that epoch, as it was validated."""
+    labels = load_split(paths.processed / "validation", 48).labels
+    logged = result.history[result.best_epoch - 1]
+    accuracy = float(np.mean(probabilities.argmax(axis=1) == labels))
+    assert accuracy == pytest.approx(logged["val_accuracy"], abs=1e-6)
+    if loss:
+        chosen = probabilities[np.arange(len(labels)), labels]
+        assert float(np.mean(-np.log(chosen))) == pytest.approx(logged["val_loss"], rel=1e-4)
 
 
 def faces(count: int, seed: int = 0) -> np.ndarray:
@@ -313,12 +327,7 @@ def test_ema_swap_trains_the_pipeline_with_batchnorm_recalibrated(
     # model.h5 is the average that was validated, BatchNorm statistics included
     model = keras.models.load_model(paths.model, compile=False)
     probabilities = model.predict(validation_images(paths), batch_size=16, verbose=0)
-    labels = load_split(paths.processed / "validation", 48).labels
-    logged = result.history[result.best_epoch - 1]
-    accuracy = float(np.mean(probabilities.argmax(axis=1) == labels))
-    assert accuracy == pytest.approx(logged["val_accuracy"], abs=1e-6)
-    chosen = probabilities[np.arange(len(labels)), labels]
-    assert float(np.mean(-np.log(chosen))) == pytest.approx(logged["val_loss"], rel=1e-4)
+    assert_scores_what_was_logged(paths, probabilities, result, loss=True)
 
 
 def test_balanced_class_weight_is_n_over_k_times_count() -> None:
@@ -697,11 +706,8 @@ def test_training_writes_the_model_and_its_reports(trained) -> None:
     assert (history[["loss", "val_loss"]] > 0).all().all()
 
     # the file is the checkpoint of the best val_accuracy epoch, validated as it was saved
-    best = result.best_epoch
-    assert best == metrics.best_epoch(result.history, "val_accuracy")
-    labels = load_split(paths.processed / "validation", 48).labels
-    accuracy = float(np.mean(probabilities.argmax(axis=1) == labels))
-    assert accuracy == pytest.approx(result.history[best - 1]["val_accuracy"], abs=1e-6)
+    assert result.best_epoch == metrics.best_epoch(result.history, "val_accuracy")
+    assert_scores_what_was_logged(paths, probabilities, result)
 
     summary = paths.model_summary.read_text()
     for layer in model.layers:
@@ -851,23 +857,17 @@ train.run(load_params(Path(sys.argv[1])), Paths(Path(sys.argv[2])))
 MIRRORED_TOLERANCE = {"loss": 0.4, "accuracy": 0.2, "val_loss": 0.3, "val_accuracy": 0.3}
 
 
-@pytest.mark.slow
-def test_mirrored_training_on_two_devices_lands_near_the_single_device_run(
-    trained, tmp_path: Path, tiny_data: Paths
-) -> None:
+def train_mirrored(root: Path, tiny_data: Paths, params):
+    """`train.run` with `params` into `root` (the tiny sample linked in), in a fresh process
+    whose CPU is two logical devices; the paths and the history it wrote."""
     import subprocess
     import sys
 
     from conftest import subprocess_env, write_params
 
-    single_params, _, single = trained
-    params = tiny_params(**{**SHORT, "train.distribution": "mirrored"})
-    assert params.train.model_copy(update={"distribution": "none"}) == single_params.train
-    root = tmp_path / "mirrored"
     root.mkdir()
     (root / "data").symlink_to(tiny_data.root / "data", target_is_directory=True)
-    params_file = write_params(tmp_path / "params.yaml", params)
-
+    params_file = write_params(root.parent / f"{root.name}.yaml", params)
     done = subprocess.run(
         [sys.executable, "-c", _MIRRORED, str(params_file), str(root)],
         env=subprocess_env(),
@@ -878,18 +878,53 @@ def test_mirrored_training_on_two_devices_lands_near_the_single_device_run(
     assert done.returncode == 0, done.stderr[-3000:]
     assert "train.distribution=mirrored: 2 replicas, on" in done.stderr
     assert "device:CPU:0, /job:localhost/replica:0/task:0/device:CPU:1" in done.stderr
-
     paths = Paths(root)
+    return paths, pd.read_csv(paths.history).to_dict("records")
+
+
+@pytest.mark.slow
+def test_mirrored_training_on_two_devices_lands_near_the_single_device_run(
+    trained, tmp_path: Path, tiny_data: Paths
+) -> None:
+    single_params, _, single = trained
+    params = tiny_params(**{**SHORT, "train.distribution": "mirrored"})
+    assert params.train.model_copy(update={"distribution": "none"}) == single_params.train
+
+    paths, mirrored = train_mirrored(tmp_path / "mirrored", tiny_data, params)
+
     model = keras.models.load_model(paths.model, compile=False)
     probabilities = model.predict(validation_images(paths), batch_size=16, verbose=0)
     assert probabilities.shape == (70, len(CLASSES))
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
     assert read_model_info(paths.model).arch == "seed"
-    mirrored = pd.read_csv(paths.history).to_dict("records")
     assert [row["epoch"] for row in mirrored] == [1, 2]
     for ours, theirs in zip(mirrored, single.history, strict=True):
         for key, tolerance in MIRRORED_TOLERANCE.items():
             assert ours[key] == pytest.approx(theirs[key], abs=tolerance), key
+
+
+@pytest.mark.slow
+def test_ema_swap_trains_mirrored_and_checkpoints_the_validated_average(
+    tmp_path: Path, tiny_data: Paths
+) -> None:
+    # what params refuse for ema_mode overwrite (test_params) trains in swap mode
+    params = tiny_params(
+        **{
+            **SHORT,
+            "train.distribution": "mirrored",
+            "train.ema_momentum": 0.9,
+            "train.ema_mode": "swap",
+        }
+    )
+
+    paths, history = train_mirrored(tmp_path / "mirrored-swap", tiny_data, params)
+
+    model = keras.models.load_model(paths.model, compile=False)
+    probabilities = model.predict(validation_images(paths), batch_size=16, verbose=0)
+    logged = SimpleNamespace(
+        history=history, best_epoch=metrics.best_epoch(history, "val_accuracy")
+    )
+    assert_scores_what_was_logged(paths, probabilities, logged, loss=True)
 
 
 def test_one_device_is_all_mirrored_finds_here_and_it_says_so(caplog) -> None:
