@@ -100,3 +100,19 @@ class ValidateTheAverage(_AtEachEpochsLastStep, keras.callbacks.SwapEMAWeights):
 
     def on_epoch_end(self, epoch: int, logs=None) -> None:
         super().on_test_end()  # swaps the weights back
+
+
+class KeepSnapshots(keras.callbacks.Callback):
+    """`train.snapshots`: a copy of the weights at the end of every `cycle`-th epoch, as
+    they were validated (after BatchNorm recalibration), in `snapshots`."""
+
+    def __init__(self, cycle: int):
+        super().__init__()
+        self.cycle = cycle
+        self.snapshots: list[list] = []
+        self.epochs: list[int] = []
+
+    def on_epoch_end(self, epoch: int, logs=None) -> None:
+        if (epoch + 1) % self.cycle == 0:
+            self.snapshots.append(self.model.get_weights())
+            self.epochs.append(epoch + 1)

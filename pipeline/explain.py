@@ -40,7 +40,15 @@ def feature_layer(model: keras.Model) -> keras.layers.Layer:
     pooling or dropout layer (after a residual block's addition, not inside it; before a
     final pooling, which would halve the map's resolution, as the paper's VGG conv5_3).
 
-    Raises ValueError for a model without a convolution."""
+    Raises ValueError for a model without a convolution, and for an ensemble (the
+    average of several networks, `train.snapshots`), which has one map per network."""
+    members = [layer.name for layer in model.layers if isinstance(layer, keras.Model)]
+    if members:
+        raise ValueError(
+            f"model {model.name!r} averages {len(members)} networks ({', '.join(members)}: "
+            "train.snapshots), each with its own feature map, so Grad-CAM has no single map "
+            "to weigh; explain a model trained with train.snapshots: 1"
+        )
     found, convolved = None, False
     for layer in model.layers:
         convolved = convolved or isinstance(layer, _CONVOLUTIONS)

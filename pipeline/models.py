@@ -250,6 +250,21 @@ def build_model(
     return builder(input_shape, num_classes, params)
 
 
+def snapshot_ensemble(model: keras.Model, snapshots: list[list]) -> keras.Model:
+    """One model that averages the softmax outputs of `model` with each of `snapshots`
+    (lists of weights, as `get_weights` gives them): each copy is a submodel named
+    `snapshot_<n>`, the same input feeds them all, and the average is in float32."""
+    inputs = keras.Input(shape=model.input_shape[1:], name="image")
+    outputs = []
+    for number, weights in enumerate(snapshots, start=1):
+        member = keras.models.clone_model(model)
+        member.name = f"snapshot_{number}"
+        member.set_weights(weights)
+        outputs.append(member(inputs))
+    average = layers.Average(dtype="float32", name="snapshot_average")(outputs)
+    return keras.Model(inputs, average, name=f"{model.name}_snapshots")
+
+
 def main() -> int:
     """List the architectures with their size and forward cost for a 48×48 grayscale input."""
     from pipeline import CLASSES

@@ -145,6 +145,7 @@ class TrainParams(_Group):
     label_smoothing: float = Field(ge=0.0, le=0.5)
     ema_momentum: float = Field(ge=0.0, lt=1.0)
     ema_mode: Literal["overwrite", "swap"]
+    snapshots: int = Field(ge=1)
     temperature_scaling: bool
     bn_recalibration_batches: int = Field(ge=0)
     precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"]
@@ -165,6 +166,39 @@ class TrainParams(_Group):
                 "does not train with train.distribution 'mirrored' (Keras 3 cannot overwrite "
                 "mirrored weights with their average during a step); set train.ema_mode to "
                 "swap, train.ema_momentum to 0.0, or train.distribution to none"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_snapshots(self) -> TrainParams:
+        if self.snapshots == 1:
+            return self
+        given = f"train.snapshots: {self.snapshots}"
+        if self.epochs % self.snapshots:
+            raise ParamsError(
+                f"{given} does not divide train.epochs ({self.epochs}) into cycles of equal "
+                "length; make train.epochs a multiple of train.snapshots"
+            )
+        if self.lr_schedule == "plateau":
+            raise ParamsError(
+                f"{given} needs a learning-rate schedule that restarts each cycle, but "
+                "train.lr_schedule is 'plateau'; set it to cosine or onecycle"
+            )
+        if self.warmup_epochs >= self.epochs // self.snapshots:
+            raise ParamsError(
+                f"{given} makes cycles of {self.epochs // self.snapshots} epochs, which "
+                f"train.warmup_epochs ({self.warmup_epochs}) fills; warm up for fewer epochs"
+            )
+        if self.early_stopping.enabled:
+            raise ParamsError(
+                f"{given} trains every cycle to its end, but train.early_stopping.enabled "
+                "would stop it early; set it to false"
+            )
+        if self.ema_momentum:
+            raise ParamsError(
+                f"{given} averages the snapshots of its cycles, which "
+                f"train.ema_momentum ({self.ema_momentum}) would replace by averages; "
+                "set train.ema_momentum to 0.0 or train.snapshots to 1"
             )
         return self
 

@@ -573,16 +573,24 @@ def log_training_outputs(params: Params, paths: Paths) -> None:
         log_models(params, paths)
 
 
-def log_training_summary(seconds: float, images_per_second: float, temperature: float) -> None:
-    """How long `model.fit` took (`train_seconds`), its `train_images_per_second`, and the
-    `temperature` stored with the model (1 without `train.temperature_scaling`)."""
-    mlflow.log_metrics(
-        {
-            "train_seconds": seconds,
-            "train_images_per_second": images_per_second,
-            "temperature": temperature,
-        }
-    )
+def log_training_summary(
+    seconds: float,
+    images_per_second: float,
+    temperature: float,
+    ensemble_val_accuracy: float | None = None,
+) -> None:
+    """How long `model.fit` took (`train_seconds`), its `train_images_per_second`, the
+    `temperature` stored with the model (1 without `train.temperature_scaling`), and with
+    `train.snapshots`, the validation accuracy of the snapshots' average in model.h5
+    (`snapshot_ensemble_val_accuracy`; no TTA)."""
+    metrics = {
+        "train_seconds": seconds,
+        "train_images_per_second": images_per_second,
+        "temperature": temperature,
+    }
+    if ensemble_val_accuracy is not None:
+        metrics["snapshot_ensemble_val_accuracy"] = ensemble_val_accuracy
+    mlflow.log_metrics(metrics)
 
 
 def log_history(history_csv: Path) -> None:

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,11 +44,16 @@ class TrainResult:
     seconds: float
     train_images_per_second: float
     temperature: float
+    # with train.snapshots: the validation accuracy of their average, which model.h5 holds
+    ensemble_val_accuracy: float | None = None
 
 
 def learning_rate_at(epoch: int, train: TrainParams) -> float:
-    """The scheduled learning rate of a 0-based epoch for `cosine` and `onecycle`."""
-    base, total, warmup = train.learning_rate, train.epochs, train.warmup_epochs
+    """The scheduled learning rate of a 0-based epoch for `cosine` and `onecycle`; with
+    `train.snapshots` cycles, each cycle runs the whole schedule over its epochs."""
+    cycle = train.epochs // train.snapshots
+    base, total, warmup = train.learning_rate, cycle, train.warmup_epochs
+    epoch %= cycle
     if train.lr_schedule == "onecycle":
         peak = max(1, warmup or round(0.3 * total))
         if epoch < peak:
@@ -174,7 +181,7 @@ def fit_model(
     history and the seconds `model.fit` took."""
     import keras  # as in `run`: once the params are good
 
-    from pipeline.callbacks import RecalibrateBatchNorm, ValidateTheAverage
+    from pipeline.callbacks import KeepSnapshots, RecalibrateBatchNorm, ValidateTheAverage
     from pipeline.dataset import evaluation_input, training_input
     from pipeline.models import build_model
 
@@ -218,6 +225,10 @@ def fit_model(
         )
     elif recalibration is not None:
         callbacks.append(recalibration)
+    keeper = None
+    if train.snapshots > 1:  # last: it keeps the weights as they were validated
+        keeper = KeepSnapshots(train.epochs // train.snapshots)
+        callbacks.append(keeper)
     started = time.perf_counter()
     fit = model.fit(
         training_input(train_split, train.batch_size, train.seed, train.augmentation),
@@ -229,7 +240,30 @@ def fit_model(
         shuffle=False,  # the input shuffles itself, with the seed
         verbose=1 if is_terminal() else 2,
     )
-    return fit, time.perf_counter() - started
+    return fit, time.perf_counter() - started, keeper
+
+
+def save_snapshot_ensemble(model, keeper, val_split, paths: Paths, batch_size: int) -> float:
+    """Replace the checkpoint `model.h5` by the average of the snapshots `keeper` kept
+    (written beside it, then renamed over it: an interruption leaves the checkpoint);
+    the average's validation accuracy."""
+    import numpy as np
+
+    from pipeline.inference import predict_probabilities
+    from pipeline.models import snapshot_ensemble
+
+    ensemble = snapshot_ensemble(model, keeper.snapshots)
+    probabilities = predict_probabilities(ensemble, val_split.array(), batch_size)
+    accuracy = float(np.mean(probabilities.argmax(axis=1) == val_split.labels))
+    fd, scratch = tempfile.mkstemp(prefix=".model.", suffix=".h5", dir=paths.model.parent)
+    os.close(fd)
+    try:
+        ensemble.save(scratch)
+        Path(scratch).replace(paths.model)
+    except BaseException:
+        Path(scratch).unlink(missing_ok=True)
+        raise
+    return accuracy
 
 
 def run(params: Params, paths: Paths, extra_callbacks: list | None = None) -> TrainResult:
@@ -258,8 +292,22 @@ def run(params: Params, paths: Paths, extra_callbacks: list | None = None) -> Tr
         steps = steps_per_epoch(train_split.count, train.batch_size, train.steps_per_epoch)
         # the model's, the optimizer's and the metrics' variables are made in the scope
         with distribution_scope(train.distribution):
-            fit, seconds = fit_model(
+            fit, seconds, keeper = fit_model(
                 params, paths, train_split, val_split, steps, extra_callbacks or []
+            )
+        ensemble_accuracy = None
+        if keeper is not None:
+            ensemble_accuracy = save_snapshot_ensemble(
+                fit.model, keeper, val_split, paths, train.batch_size
+            )
+            log.info(
+                "saved the average of %d snapshots (epochs %s) to %s: val_accuracy %.4f "
+                "(the snapshots alone: %s)",
+                len(keeper.snapshots),
+                ", ".join(map(str, keeper.epochs)),
+                paths.model,
+                ensemble_accuracy,
+                ", ".join(f"{fit.history['val_accuracy'][e - 1]:.4f}" for e in keeper.epochs),
             )
         temperature = 1.0
         if train.temperature_scaling:
@@ -284,16 +332,17 @@ def run(params: Params, paths: Paths, extra_callbacks: list | None = None) -> Tr
             seconds=seconds,
             train_images_per_second=epochs_run * steps * train.batch_size / seconds,
             temperature=temperature,
+            ensemble_val_accuracy=ensemble_accuracy,
         )
         log.info(
-            "trained %d epochs in %.0f s (%.0f images/s); best %s %.4f at epoch %d, saved to %s",
+            "trained %d epochs in %.0f s (%.0f images/s); best %s %.4f at epoch %d, %s",
             epochs_run,
             seconds,
             result.train_images_per_second,
             train.checkpoint.monitor,
             history[result.best_epoch - 1][train.checkpoint.monitor],
             result.best_epoch,
-            paths.model,
+            f"saved to {paths.model}" if keeper is None else "a single epoch, not saved",
         )
         return result
     finally:
@@ -312,7 +361,10 @@ def run_tracked(params: Params, paths: Paths) -> TrainResult:
     with tracking.training_run(params, paths) as callbacks:
         result = run(params, paths, extra_callbacks=callbacks)
         tracking.log_training_summary(
-            result.seconds, result.train_images_per_second, result.temperature
+            result.seconds,
+            result.train_images_per_second,
+            result.temperature,
+            result.ensemble_val_accuracy,
         )
         return result
 

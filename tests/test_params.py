@@ -148,6 +148,42 @@ BAD = {
         "0.99 with train.ema_mode 'overwrite'",
         "set train.ema_mode to swap, train.ema_momentum to 0.0, or train.distribution to none",
     ),
+    "snapshots not dividing the epochs": (
+        {"train.snapshots": 3, "train.epochs": 10, "train.lr_schedule": "cosine"},
+        "train.snapshots",
+        "3 does not divide train.epochs (10)",
+        "make train.epochs a multiple of train.snapshots",
+    ),
+    "snapshots on the plateau schedule": (
+        {"train.snapshots": 5},
+        "train.snapshots",
+        "'plateau'",
+        "set it to cosine or onecycle",
+    ),
+    "snapshots with a warm-up as long as a cycle": (
+        {"train.snapshots": 5, "train.lr_schedule": "onecycle", "train.warmup_epochs": 1},
+        "train.snapshots",
+        "cycles of 1 epochs",
+        "warm up for fewer epochs",
+    ),
+    "snapshots with early stopping": (
+        {"train.snapshots": 5, "train.lr_schedule": "cosine"},
+        "train.snapshots",
+        "train.early_stopping.enabled",
+        "set it to false",
+    ),
+    "snapshots with ema": (
+        {
+            "train.snapshots": 5,
+            "train.lr_schedule": "cosine",
+            "train.early_stopping.enabled": False,
+            "train.ema_momentum": 0.99,
+        },
+        "train.snapshots",
+        "train.ema_momentum (0.99)",
+        "set train.ema_momentum to 0.0 or train.snapshots to 1",
+    ),
+    "no snapshots": ({"train.snapshots": 0}, "train.snapshots", "0", "at least 1"),
     "bad kaggle slug": (
         {"data.kaggle_dataset": "fer2013"},
         "data.kaggle_dataset",

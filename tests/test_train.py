@@ -19,7 +19,7 @@ from PIL import Image
 
 import pipeline
 from pipeline import CLASSES, metrics, runtime, train
-from pipeline.callbacks import RecalibrateBatchNorm, ValidateTheAverage
+from pipeline.callbacks import KeepSnapshots, RecalibrateBatchNorm, ValidateTheAverage
 from pipeline.dataset import (
     Split,
     augment_batch,
@@ -29,8 +29,10 @@ from pipeline.dataset import (
     steps_per_epoch,
     training_input,
 )
+from pipeline.explain import feature_layer
 from pipeline.modelmeta import read_model_info
-from pipeline.params import AugmentationParams, TrainParams
+from pipeline.models import build_model, snapshot_ensemble
+from pipeline.params import AugmentationParams, ModelParams, TrainParams
 from pipeline.paths import Paths
 
 # two epochs of ~4 steps, BatchNorm recalibrated from 2 batches: seconds, not minutes
@@ -214,6 +216,55 @@ def test_onecycle_rises_to_the_rate_then_falls(warmup: int, peak: int) -> None:
     assert all(a < b for a, b in itertools.pairwise(rates[: peak + 1]))
     assert all(a > b for a, b in itertools.pairwise(rates[peak:]))
     assert rates[-1] < 0.1 * 0.01
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
+def test_snapshots_restart_the_whole_schedule_each_cycle(schedule: str) -> None:
+    one = train_params(lr_schedule=schedule, epochs=4, warmup_epochs=1, learning_rate=0.01)
+    three = one.model_copy(update={"epochs": 12, "snapshots": 3})
+    rates = [train.learning_rate_at(epoch, three) for epoch in range(12)]
+    cycle = [train.learning_rate_at(epoch, one) for epoch in range(4)]
+    assert rates == pytest.approx(cycle * 3)
+    assert max(rates[4:8]) == pytest.approx(0.01)  # back up to the peak
+    assert rates[3] < 0.01
+
+
+def test_keep_snapshots_copies_the_weights_at_each_cycles_end() -> None:
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    keeper = KeepSnapshots(cycle=2)
+    keeper.set_model(model)
+    for epoch in range(6):
+        model.layers[0].bias.assign([float(epoch)])
+        keeper.on_epoch_end(epoch)
+    assert keeper.epochs == [2, 4, 6]
+    assert [float(weights[1][0]) for weights in keeper.snapshots] == [1.0, 3.0, 5.0]
+
+
+def test_snapshot_ensemble_averages_the_networks_softmax() -> None:
+    net = build_model(ModelParams(arch="seed", dropout=0.25), (48, 48, 1), len(CLASSES))
+    first = net.get_weights()
+    second = [
+        w + 0.05 * np.random.default_rng(1).standard_normal(w.shape).astype(w.dtype) for w in first
+    ]
+    ensemble = snapshot_ensemble(net, [first, second])
+    assert [layer.name for layer in ensemble.layers] == [
+        "image",
+        "snapshot_1",
+        "snapshot_2",
+        "snapshot_average",
+    ]
+    images = faces(4)
+    alone = []
+    for weights in (first, second):
+        net.set_weights(weights)
+        alone.append(net.predict(images, verbose=0))
+    assert not np.allclose(alone[0], alone[1], atol=1e-3)  # two different networks
+    np.testing.assert_allclose(
+        ensemble.predict(images, verbose=0), (alone[0] + alone[1]) / 2, atol=1e-6
+    )
+    named = r"averages 2 networks \(snapshot_1, snapshot_2: train\.snapshots\)"
+    with pytest.raises(ValueError, match=named):
+        feature_layer(ensemble)
 
 
 def test_sgd_is_nesterov_momentum_with_the_weight_decay() -> None:
@@ -855,6 +906,44 @@ train.run(load_params(Path(sys.argv[1])), Paths(Path(sys.argv[2])))
 # does. Twice the measured gaps: a loss off by a factor (a wrong gradient or loss
 # scaling across replicas) or a model that stops learning fails.
 MIRRORED_TOLERANCE = {"loss": 0.4, "accuracy": 0.2, "val_loss": 0.3, "val_accuracy": 0.3}
+
+
+@pytest.mark.slow
+def test_snapshots_save_the_average_of_each_cycles_validated_weights(
+    tmp_path: Path, tiny_data: Paths
+) -> None:
+    params, paths, result = train_into(
+        tmp_path,
+        tiny_data,
+        **{
+            "train.epochs": 4,
+            "train.snapshots": 2,
+            "train.lr_schedule": "cosine",
+            "train.early_stopping.enabled": False,
+        },
+    )
+    assert [row["lr"] for row in result.history] == pytest.approx(
+        [params.train.learning_rate, params.train.learning_rate / 2] * 2
+    )
+    model = keras.models.load_model(paths.model, compile=False)
+    assert [layer.name for layer in model.layers] == [
+        "image",
+        "snapshot_1",
+        "snapshot_2",
+        "snapshot_average",
+    ]
+    labels = load_split(paths.processed / "validation", 48).labels
+    images = validation_images(paths)
+    # each network is its cycle's last epoch, as it was validated
+    for name, epoch in (("snapshot_1", 2), ("snapshot_2", 4)):
+        alone = model.get_layer(name).predict(images, batch_size=16, verbose=0)
+        accuracy = float(np.mean(alone.argmax(axis=1) == labels))
+        assert accuracy == pytest.approx(result.history[epoch - 1]["val_accuracy"], abs=1e-6)
+    average = model.predict(images, batch_size=16, verbose=0)
+    accuracy = float(np.mean(average.argmax(axis=1) == labels))
+    assert result.ensemble_val_accuracy == pytest.approx(accuracy, abs=1e-6)
+    assert read_model_info(paths.model).arch == "seed"
+    assert [p.name for p in paths.models.iterdir() if p.name.startswith(".")] == []
 
 
 def train_mirrored(root: Path, tiny_data: Paths, params):
