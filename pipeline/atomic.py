@@ -82,6 +82,26 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+@contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """Yield a scratch path beside `path`, with its suffix (libraries that pick a format
+    by it pick the same), for a writer that wants a file name; when the block succeeds
+    it is renamed over `path` with the mode `open` would give. On any exception it goes
+    and `path` stays as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    scratch = Path(tmp)
+    try:
+        yield scratch
+        scratch.chmod(0o666 & ~_umask())
+        scratch.replace(path)
+    except BaseException:
+        scratch.unlink(missing_ok=True)
+        raise
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
 

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import CLASSES, tracking
-from pipeline.atomic import write_text_atomic
+from pipeline.atomic import replacing, write_text_atomic
 from pipeline.cli import run_stage
 from pipeline.figures import plot_training_curves
 from pipeline.logs import is_terminal
@@ -255,14 +253,8 @@ def save_snapshot_ensemble(model, keeper, val_split, paths: Paths, batch_size: i
     ensemble = snapshot_ensemble(model, keeper.snapshots)
     probabilities = predict_probabilities(ensemble, val_split.array(), batch_size)
     accuracy = float(np.mean(probabilities.argmax(axis=1) == val_split.labels))
-    fd, scratch = tempfile.mkstemp(prefix=".model.", suffix=".h5", dir=paths.model.parent)
-    os.close(fd)
-    try:
+    with replacing(paths.model) as scratch:
         ensemble.save(scratch)
-        Path(scratch).replace(paths.model)
-    except BaseException:
-        Path(scratch).unlink(missing_ok=True)
-        raise
     return accuracy
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.atomic import atomic_dir, clear_leftovers, write_text_atomic
+from pipeline.atomic import atomic_dir, clear_leftovers, replacing, write_text_atomic
 
 DEAD_PID = 2**22 + 1  # above Linux's largest pid_max: never a running process
 
@@ -76,3 +76,31 @@ def test_an_atomic_file_gets_the_mode_a_plain_open_gives(tmp_path: Path) -> None
     written = tmp_path / "atomic.txt"
     write_text_atomic(written, "x")
     assert stat.S_IMODE(written.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
+
+
+def test_replacing_renames_the_written_file_over_the_old_with_a_plain_mode(
+    tmp_path: Path,
+) -> None:
+    plain = tmp_path / "plain.h5"
+    plain.write_text("x")
+    model = tmp_path / "model.h5"
+    model.write_text("old")
+    with replacing(model) as scratch:
+        assert scratch.parent == tmp_path
+        assert scratch.suffix == ".h5"
+        scratch.write_text("new")
+        assert model.read_text() == "old"  # not before the block ends
+    assert model.read_text() == "new"
+    assert stat.S_IMODE(model.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.h5", "plain.h5"]
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_replacing_keeps_the_old_file_when_the_writer_fails(tmp_path: Path, error) -> None:
+    model = tmp_path / "model.h5"
+    model.write_text("old")
+    with pytest.raises(error), replacing(model) as scratch:
+        scratch.write_text("half")
+        raise error("the writer broke")
+    assert model.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.h5"]
