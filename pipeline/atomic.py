@@ -66,22 +66,6 @@ def _umask() -> int:
     return mask
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write a file through a temporary sibling and a rename; its mode is what `open`
-    would give (mkstemp's is 0600, which would make a shared model unreadable to others)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            os.fchmod(fh.fileno(), 0o666 & ~_umask())
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 @contextmanager
 def replacing(path: Path) -> Iterator[Path]:
     """Yield a scratch path beside `path`, with its suffix (libraries that pick a format
@@ -100,6 +84,14 @@ def replacing(path: Path) -> Iterator[Path]:
     except BaseException:
         scratch.unlink(missing_ok=True)
         raise
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write a file through a temporary sibling and a rename (`replacing`); its mode is what
+    `open` would give (mkstemp's is 0600, which would make a shared model unreadable to
+    others)."""
+    with replacing(path) as scratch:
+        scratch.write_bytes(data)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

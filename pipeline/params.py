@@ -169,6 +169,11 @@ class TrainParams(_Group):
             )
         return self
 
+    @property
+    def cycle_epochs(self) -> int:
+        """The epochs of one `snapshots` cycle: all of them without snapshots."""
+        return self.epochs // self.snapshots
+
     @model_validator(mode="after")
     def _check_snapshots(self) -> TrainParams:
         if self.snapshots == 1:
@@ -184,9 +189,9 @@ class TrainParams(_Group):
                 f"{given} needs a learning-rate schedule that restarts each cycle, but "
                 "train.lr_schedule is 'plateau'; set it to cosine or onecycle"
             )
-        if self.warmup_epochs >= self.epochs // self.snapshots:
+        if self.warmup_epochs >= self.cycle_epochs:
             raise ParamsError(
-                f"{given} makes cycles of {self.epochs // self.snapshots} epochs, which "
+                f"{given} makes cycles of {self.cycle_epochs} epochs, which "
                 f"train.warmup_epochs ({self.warmup_epochs}) fills; warm up for fewer epochs"
             )
         if self.early_stopping.enabled:

@@ -49,9 +49,8 @@ class TrainResult:
 def learning_rate_at(epoch: int, train: TrainParams) -> float:
     """The scheduled learning rate of a 0-based epoch for `cosine` and `onecycle`; with
     `train.snapshots` cycles, each cycle runs the whole schedule over its epochs."""
-    cycle = train.epochs // train.snapshots
-    base, total, warmup = train.learning_rate, cycle, train.warmup_epochs
-    epoch %= cycle
+    base, total, warmup = train.learning_rate, train.cycle_epochs, train.warmup_epochs
+    epoch %= total
     if train.lr_schedule == "onecycle":
         peak = max(1, warmup or round(0.3 * total))
         if epoch < peak:
@@ -225,7 +224,7 @@ def fit_model(
         callbacks.append(recalibration)
     keeper = None
     if train.snapshots > 1:  # last: it keeps the weights as they were validated
-        keeper = KeepSnapshots(train.epochs // train.snapshots)
+        keeper = KeepSnapshots(train.cycle_epochs)
         callbacks.append(keeper)
     started = time.perf_counter()
     fit = model.fit(
