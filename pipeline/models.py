@@ -21,14 +21,23 @@ from pipeline.params import ModelParams
 Builder = Callable[[tuple[int, int, int], int, ModelParams], keras.Model]
 
 ARCHITECTURES: dict[str, Builder] = {}
+# The architectures whose filters `model.width` multiplies.
+SCALABLE: set[str] = set()
 
 
-def register(name: str) -> Callable[[Builder], Builder]:
+def register(name: str, scalable: bool = False) -> Callable[[Builder], Builder]:
     def add(builder: Builder) -> Builder:
         ARCHITECTURES[name] = builder
+        if scalable:
+            SCALABLE.add(name)
         return builder
 
     return add
+
+
+def scaled(filters: int, width: float) -> int:
+    """`filters` × `width`, rounded to a multiple of 16 (whole tiles for the matrix units)."""
+    return filters if width == 1.0 else max(16, round(filters * width / 16) * 16)
 
 
 def _conv_block(x, filters: int, kernel: int, dropout: float, index: int):
@@ -85,10 +94,10 @@ def build_seed_model(
     return keras.Model(inputs, outputs, name="seed")
 
 
-def _stem(input_shape: tuple[int, int, int], crop: int):
+def _stem(input_shape: tuple[int, int, int], crop: int, width: float = 1.0):
     """Input, crop, rescaling to [0, 1] and a 3×3 convolution with 32 filters, BN and ReLU."""
     inputs, x = _rescaled_input(input_shape, crop)
-    x = layers.Conv2D(32, 3, padding="same", use_bias=False, name="stem_conv")(x)
+    x = layers.Conv2D(scaled(32, width), 3, padding="same", use_bias=False, name="stem_conv")(x)
     x = layers.BatchNormalization(name="stem_bn")(x)
     return inputs, layers.Activation("relu", name="stem_relu")(x)
 
@@ -143,15 +152,15 @@ def _residual_net(
     widths: list[int],
 ) -> keras.Model:
     """The stem, one strided residual block per width (each with dropout), GAP, softmax."""
-    inputs, x = _stem(input_shape, params.crop)
+    inputs, x = _stem(input_shape, params.crop, params.width)
     for stage, filters in enumerate(widths, start=1):
-        x = _residual_block(x, filters, f"stage{stage}")
+        x = _residual_block(x, scaled(filters, params.width), f"stage{stage}")
         x = layers.Dropout(params.dropout, name=f"stage{stage}_dropout")(x)
     outputs = _pooled_classifier(x, num_classes)
     return keras.Model(inputs, outputs, name=name)
 
 
-@register("resnet")
+@register("resnet", scalable=True)
 def build_resnet_model(
     input_shape: tuple[int, int, int], num_classes: int, params: ModelParams
 ) -> keras.Model:
@@ -159,7 +168,7 @@ def build_resnet_model(
     return _residual_net(input_shape, num_classes, params, "resnet", [64, 128, 256])
 
 
-@register("resnet4")
+@register("resnet4", scalable=True)
 def build_resnet4_model(
     input_shape: tuple[int, int, int], num_classes: int, params: ModelParams
 ) -> keras.Model:
@@ -246,6 +255,11 @@ def build_model(
             f"model.crop: {params.crop} does not fit a {input_shape[0]}×{input_shape[1]} "
             f"input; use 0 (no crop) or 8 to {min(input_shape[:2])} "
             "(preprocess.picture_size)"
+        )
+    if params.width != 1.0 and params.arch not in SCALABLE:
+        raise ValueError(
+            f"model.width: {params.width} has no meaning for model.arch {params.arch!r}; "
+            f"use 1.0, or an architecture it scales: {', '.join(sorted(SCALABLE))}"
         )
     return builder(input_shape, num_classes, params)
 

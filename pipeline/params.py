@@ -98,6 +98,7 @@ class ModelParams(_Group):
     arch: str
     dropout: float = Field(ge=0.0, le=0.9)
     crop: int = Field(default=0, ge=0)
+    width: float = Field(default=1.0, ge=0.25, le=4.0)
 
 
 class AugmentationParams(_Group):

@@ -9,7 +9,7 @@ from keras import layers
 
 from pipeline import CLASSES
 from pipeline.inference import load_model
-from pipeline.models import ARCHITECTURES, build_model, flops_per_image, main
+from pipeline.models import ARCHITECTURES, SCALABLE, build_model, flops_per_image, main
 from pipeline.params import ModelParams
 
 SHAPE = (48, 48, 1)
@@ -163,3 +163,26 @@ def test_a_crop_model_takes_whole_faces_and_sees_their_centre(arch: str) -> None
 def test_a_crop_that_does_not_fit_is_refused(crop: int) -> None:
     with pytest.raises(ValueError, match=rf"model\.crop: {crop} does not fit a 48×48 input"):
         build_model(ModelParams(arch="resnet", dropout=0.25, crop=crop), SHAPE, len(CLASSES))
+
+
+def conv_filters(model: keras.Model) -> list[int]:
+    return [layer.filters for layer in model.layers if isinstance(layer, layers.Conv2D)]
+
+
+@pytest.mark.parametrize("arch", sorted(SCALABLE))
+def test_width_multiplies_every_convolution_in_whole_tiles(arch: str) -> None:
+    plain = build(arch)
+    wide = build_model(ModelParams(arch=arch, dropout=0.25, width=1.5), SHAPE, len(CLASSES))
+    expected = [max(16, round(f * 1.5 / 16) * 16) for f in conv_filters(plain)]
+    assert conv_filters(wide) == expected
+    assert all(f % 16 == 0 for f in expected)
+    assert conv_filters(plain)[:3] == [32, 64, 64]  # the stem, the first stage's projection
+    assert conv_filters(wide)[:3] == [48, 96, 96]
+    assert wide.output_shape == plain.output_shape == (None, len(CLASSES))
+    assert 2.0 < flops_per_image(wide) / flops_per_image(plain) < 2.5  # about 1.5²
+
+
+@pytest.mark.parametrize("arch", sorted(set(ARCHITECTURES) - SCALABLE))
+def test_width_is_refused_where_it_would_change_nothing_or_the_seed(arch: str) -> None:
+    with pytest.raises(ValueError, match=rf"model\.width: 2\.0 has no meaning for .*{arch}"):
+        build_model(ModelParams(arch=arch, dropout=0.25, width=2.0), SHAPE, len(CLASSES))

@@ -85,6 +85,7 @@ BAD = {
         "0.75",
         "from 0.0 to 0.5",
     ),
+    "width of nothing": ({"model.width": 0}, "model.width", "0.0", "from 0.25 to 4.0"),
     "below open range": ({"train.epochs": 0}, "train.epochs", "0", "at least 1"),
     "int out of a float range": (
         {"train.learning_rate": 20},
