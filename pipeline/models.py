@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import keras
+import numpy as np
 from keras import layers
 
 from pipeline.params import ModelParams
@@ -23,13 +24,24 @@ Builder = Callable[[tuple[int, int, int], int, ModelParams], keras.Model]
 ARCHITECTURES: dict[str, Builder] = {}
 # The architectures whose filters `model.width` multiplies.
 SCALABLE: set[str] = set()
+# The architectures that start with `_stem`, so `model.stem` can choose it.
+STEMMED: set[str] = set()
+# A whitened stem's 3×3 patches, and the share of their mean variance added to each
+# eigenvalue before dividing by its square root (airbench's 5e-4 of inputs of unit
+# variance): the flattest directions, mostly noise, are not blown up.
+WHITENING_KERNEL = 3
+WHITENING_EPSILON = 5e-4
 
 
-def register(name: str, scalable: bool = False) -> Callable[[Builder], Builder]:
+def register(
+    name: str, scalable: bool = False, stemmed: bool = False
+) -> Callable[[Builder], Builder]:
     def add(builder: Builder) -> Builder:
         ARCHITECTURES[name] = builder
         if scalable:
             SCALABLE.add(name)
+        if stemmed:
+            STEMMED.add(name)
         return builder
 
     return add
@@ -94,10 +106,22 @@ def build_seed_model(
     return keras.Model(inputs, outputs, name="seed")
 
 
-def _stem(input_shape: tuple[int, int, int], crop: int, width: float = 1.0):
-    """Input, crop, rescaling to [0, 1] and a 3×3 convolution with 32 filters, BN and ReLU."""
+def _stem(input_shape: tuple[int, int, int], crop: int, width: float = 1.0, kind: str = "conv"):
+    """Input, crop, rescaling to [0, 1], a 3×3 convolution, BN and ReLU.
+
+    `kind` "conv": 32 × `width` trained filters. "whitened": 2 × 9 × channels frozen
+    filters, which `whiten_stem` sets from the training images (airbench's first layer).
+    """
     inputs, x = _rescaled_input(input_shape, crop)
-    x = layers.Conv2D(scaled(32, width), 3, padding="same", use_bias=False, name="stem_conv")(x)
+    if kind == "whitened":
+        filters = 2 * WHITENING_KERNEL**2 * input_shape[-1]
+        conv = layers.Conv2D(
+            filters, WHITENING_KERNEL, padding="same", use_bias=False, name="stem_conv"
+        )
+        conv.trainable = False
+    else:
+        conv = layers.Conv2D(scaled(32, width), 3, padding="same", use_bias=False, name="stem_conv")
+    x = conv(x)
     x = layers.BatchNormalization(name="stem_bn")(x)
     return inputs, layers.Activation("relu", name="stem_relu")(x)
 
@@ -152,7 +176,7 @@ def _residual_net(
     widths: list[int],
 ) -> keras.Model:
     """The stem, one strided residual block per width (each with dropout), GAP, softmax."""
-    inputs, x = _stem(input_shape, params.crop, params.width)
+    inputs, x = _stem(input_shape, params.crop, params.width, params.stem)
     for stage, filters in enumerate(widths, start=1):
         x = _residual_block(x, scaled(filters, params.width), f"stage{stage}")
         x = layers.Dropout(params.dropout, name=f"stage{stage}_dropout")(x)
@@ -160,7 +184,7 @@ def _residual_net(
     return keras.Model(inputs, outputs, name=name)
 
 
-@register("resnet", scalable=True)
+@register("resnet", scalable=True, stemmed=True)
 def build_resnet_model(
     input_shape: tuple[int, int, int], num_classes: int, params: ModelParams
 ) -> keras.Model:
@@ -168,7 +192,7 @@ def build_resnet_model(
     return _residual_net(input_shape, num_classes, params, "resnet", [64, 128, 256])
 
 
-@register("resnet4", scalable=True)
+@register("resnet4", scalable=True, stemmed=True)
 def build_resnet4_model(
     input_shape: tuple[int, int, int], num_classes: int, params: ModelParams
 ) -> keras.Model:
@@ -191,12 +215,12 @@ def _separable_module(x, filters: int, name: str):
     return layers.Add(name=f"{name}_add")([x, shortcut])
 
 
-@register("xception")
+@register("xception", stemmed=True)
 def build_xception_model(
     input_shape: tuple[int, int, int], num_classes: int, params: ModelParams
 ) -> keras.Model:
     """Mini-Xception, widened: a 3×3 stem (32), separable residual modules 64-512, GAP."""
-    inputs, x = _stem(input_shape, params.crop)
+    inputs, x = _stem(input_shape, params.crop, kind=params.stem)
     for stage, filters in enumerate([64, 128, 256, 512], start=1):
         x = _separable_module(x, filters, f"module{stage}")
         x = layers.Dropout(params.dropout, name=f"module{stage}_dropout")(x)
@@ -261,7 +285,67 @@ def build_model(
             f"model.width: {params.width} has no meaning for model.arch {params.arch!r}; "
             f"use 1.0, or an architecture it scales: {', '.join(sorted(SCALABLE))}"
         )
+    if params.stem != "conv" and params.arch not in STEMMED:
+        raise ValueError(
+            f"model.stem: {params.stem!r} has no meaning for model.arch {params.arch!r}; "
+            f"use conv, or an architecture with a stem: {', '.join(sorted(STEMMED))}"
+        )
     return builder(input_shape, num_classes, params)
+
+
+def whitening_filters(
+    batches: Iterable[np.ndarray],
+    kernel: int = WHITENING_KERNEL,
+    epsilon: float = WHITENING_EPSILON,
+) -> np.ndarray:
+    """Convolution filters that whiten the `kernel`×`kernel` patches of `batches` (arrays
+    [n, h, w, c] of images as the stem sees them, in [0, 1]): the eigenvectors V of the
+    patches' covariance divided by the square roots of their eigenvalues (plus `epsilon`
+    × their mean), largest first, and then −V, so that the ReLU after them drops nothing.
+    A Keras kernel [kernel, kernel, c, 2·kernel²·c].
+    """
+    total, outer, count, channels = None, None, 0, None
+    for batch in batches:
+        batch = np.asarray(batch, dtype=np.float64)
+        channels = batch.shape[-1]
+        windows = np.lib.stride_tricks.sliding_window_view(batch, (kernel, kernel), axis=(1, 2))
+        # [n, h', w', c, k, k] -> rows ordered as a Keras kernel's (k, k, c)
+        patches = windows.transpose(0, 1, 2, 4, 5, 3).reshape(-1, kernel * kernel * channels)
+        total = patches.sum(axis=0) if total is None else total + patches.sum(axis=0)
+        outer = patches.T @ patches if outer is None else outer + patches.T @ patches
+        count += len(patches)
+    if not count:
+        raise ValueError("model.stem 'whitened': no training images to whiten the stem with")
+    mean = total / count
+    covariance = outer / count - np.outer(mean, mean)
+    eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+    order = np.argsort(eigenvalues)[::-1]
+    eigenvalues, eigenvectors = np.clip(eigenvalues[order], 0.0, None), eigenvectors[:, order]
+    # (a floor for pictures with no variance at all: their filters stay finite)
+    scaled_vectors = eigenvectors / np.sqrt(eigenvalues + epsilon * max(eigenvalues.mean(), 1e-6))
+    filters = np.concatenate([scaled_vectors, -scaled_vectors], axis=1)
+    return filters.reshape(kernel, kernel, channels, -1).astype(np.float32)
+
+
+def whiten_stem(model: keras.Model, batches: Iterable[np.ndarray]) -> None:
+    """Set the frozen `stem_conv` of a `model.stem: whitened` model from `batches` of
+    training images in [0, 255] (what the model takes), cropped as the model crops them."""
+    stem = model.get_layer("stem_conv")
+    crop = next((layer for layer in model.layers if layer.name == "center_crop"), None)
+
+    def as_stem_sees(batch):
+        batch = np.asarray(batch, dtype=np.float32)
+        if crop is not None:
+            batch = np.asarray(crop(batch))
+        return batch / 255.0
+
+    filters = whitening_filters(as_stem_sees(batch) for batch in batches)
+    if filters.shape != tuple(stem.kernel.shape):
+        raise ValueError(
+            f"model.stem 'whitened': the stem takes {tuple(stem.kernel.shape)} filters, "
+            f"the images give {filters.shape}"
+        )
+    stem.kernel.assign(filters)
 
 
 def snapshot_ensemble(model: keras.Model, snapshots: list[list]) -> keras.Model:

@@ -99,6 +99,7 @@ class ModelParams(_Group):
     dropout: float = Field(ge=0.0, le=0.9)
     crop: int = Field(default=0, ge=0)
     width: float = Field(default=1.0, ge=0.25, le=4.0)
+    stem: Literal["conv", "whitened"] = "conv"
 
 
 class AugmentationParams(_Group):

@@ -180,11 +180,22 @@ def fit_model(
 
     from pipeline.callbacks import KeepSnapshots, RecalibrateBatchNorm, ValidateTheAverage
     from pipeline.dataset import evaluation_input, training_input
-    from pipeline.models import build_model
+    from pipeline.models import build_model, whiten_stem
 
     train = params.train
     size = params.preprocess.picture_size
     model = build_model(params.model, (size, size, 1), len(CLASSES))
+    if params.model.stem == "whitened":
+        started = time.perf_counter()
+        whiten_stem(
+            model,
+            (batch.numpy() for batch in train_split.images.map(lambda i, _: i).batch(1024)),
+        )
+        log.info(
+            "whitened the stem's 3×3 filters on the %d training images in %.1f s",
+            train_split.count,
+            time.perf_counter() - started,
+        )
     model.compile(
         optimizer=make_optimizer(train, steps),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=train.label_smoothing),

@@ -9,7 +9,16 @@ from keras import layers
 
 from pipeline import CLASSES
 from pipeline.inference import load_model
-from pipeline.models import ARCHITECTURES, SCALABLE, build_model, flops_per_image, main
+from pipeline.models import (
+    ARCHITECTURES,
+    SCALABLE,
+    STEMMED,
+    build_model,
+    flops_per_image,
+    main,
+    whiten_stem,
+    whitening_filters,
+)
 from pipeline.params import ModelParams
 
 SHAPE = (48, 48, 1)
@@ -186,3 +195,86 @@ def test_width_multiplies_every_convolution_in_whole_tiles(arch: str) -> None:
 def test_width_is_refused_where_it_would_change_nothing_or_the_seed(arch: str) -> None:
     with pytest.raises(ValueError, match=rf"model\.width: 2\.0 has no meaning for .*{arch}"):
         build_model(ModelParams(arch=arch, dropout=0.25, width=2.0), SHAPE, len(CLASSES))
+
+
+def correlated_faces(count: int, seed: int = 0) -> np.ndarray:
+    """uint8-valued pictures whose neighbouring pixels correlate, as faces' do: noise
+    smoothed along both axes, so the 3×3 patches have a far from diagonal covariance."""
+    rng = np.random.default_rng(seed)
+    noise = rng.normal(size=(count, 52, 52, 1))
+    smooth = sum(np.roll(noise, (dy, dx), axis=(1, 2)) for dy in range(3) for dx in range(3))
+    smooth = smooth[:, 2:50, 2:50] * 12 + rng.normal(size=(count, 1, 1, 1)) * 20 + 128
+    return np.clip(smooth, 0, 255).round().astype(np.float32)
+
+
+def patch_rows(images: np.ndarray) -> np.ndarray:
+    """Every 3×3 patch of `images` as a row, in a Keras kernel's (row, column, channel) order."""
+    windows = np.lib.stride_tricks.sliding_window_view(images, (3, 3), axis=(1, 2))
+    return windows.transpose(0, 1, 2, 4, 5, 3).reshape(-1, 9 * images.shape[-1])
+
+
+def test_whitening_filters_turn_the_patches_covariance_into_the_identity() -> None:
+    images = correlated_faces(40) / 255.0
+    rows = patch_rows(images)
+    assert abs(np.corrcoef(rows[:, 0], rows[:, 1])[0, 1]) > 0.5  # the input is correlated
+
+    filters = whitening_filters([images[:25], images[25:]], epsilon=0.0)  # in two batches
+    assert filters.shape == (3, 3, 1, 18) and filters.dtype == np.float32
+    np.testing.assert_array_equal(filters[..., 9:], -filters[..., :9])  # V, then −V
+    projected = rows @ filters.reshape(9, 18)[:, :9]
+    np.testing.assert_allclose(np.cov(projected, rowvar=False), np.eye(9), atol=1e-3)
+    # largest eigenvalue first: the first filter is the smoothest, all of one sign
+    first = filters[..., 0].ravel()
+    assert np.all(first > 0) or np.all(first < 0)
+
+
+def test_whitening_epsilon_keeps_the_flattest_direction_finite() -> None:
+    images = np.full((4, 48, 48, 1), 0.5)  # no variance at all
+    filters = whitening_filters([images])
+    assert np.all(np.isfinite(filters))
+    with pytest.raises(ValueError, match="no training images"):
+        whitening_filters([])
+
+
+@pytest.mark.parametrize("arch", sorted(STEMMED))
+@pytest.mark.parametrize("crop", [0, 40])
+def test_whitened_stem_is_frozen_and_set_from_the_faces_it_sees(arch: str, crop: int) -> None:
+    params = ModelParams(arch=arch, dropout=0.25, crop=crop, stem="whitened")
+    model = build_model(params, SHAPE, len(CLASSES))
+    stem = model.get_layer("stem_conv")
+    assert stem.filters == 18 and not stem.trainable
+    assert not any(w is stem.kernel for w in model.trainable_weights)
+
+    images = correlated_faces(12)
+    whiten_stem(model, [images[:5], images[5:]])
+    margin = (48 - crop) // 2 if crop else 0
+    seen = images[:, margin : 48 - margin, margin : 48 - margin] / 255.0
+    np.testing.assert_allclose(stem.kernel.numpy(), whitening_filters([seen]), rtol=1e-5)
+    # training leaves the filters as they were
+    model.compile(optimizer="adam", loss="categorical_crossentropy")
+    before = stem.kernel.numpy().copy()
+    model.fit(images, np.eye(len(CLASSES))[np.arange(12) % 7], epochs=1, verbose=0)
+    np.testing.assert_array_equal(stem.kernel.numpy(), before)
+
+
+def test_whitened_stem_survives_saving(tmp_path) -> None:
+    model = build_model(
+        ModelParams(arch="resnet", dropout=0.25, stem="whitened"), SHAPE, len(CLASSES)
+    )
+    whiten_stem(model, [correlated_faces(6)])
+    model.save(tmp_path / "model.h5")
+    loaded = load_model(tmp_path / "model.h5")
+    np.testing.assert_array_equal(
+        loaded.get_layer("stem_conv").kernel.numpy(), model.get_layer("stem_conv").kernel.numpy()
+    )
+    assert not loaded.get_layer("stem_conv").trainable
+    pictures = faces(3)
+    np.testing.assert_allclose(
+        loaded.predict(pictures, verbose=0), model.predict(pictures, verbose=0), atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("arch", sorted(set(ARCHITECTURES) - STEMMED))
+def test_whitened_stem_is_refused_where_there_is_no_stem(arch: str) -> None:
+    with pytest.raises(ValueError, match=rf"model\.stem: 'whitened' has no meaning for .*{arch}"):
+        build_model(ModelParams(arch=arch, dropout=0.25, stem="whitened"), SHAPE, len(CLASSES))

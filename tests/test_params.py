@@ -86,6 +86,7 @@ BAD = {
         "from 0.0 to 0.5",
     ),
     "width of nothing": ({"model.width": 0}, "model.width", "0.0", "from 0.25 to 4.0"),
+    "unknown stem": ({"model.stem": "pca"}, "model.stem", "'pca'", "one of 'conv', 'whitened'"),
     "below open range": ({"train.epochs": 0}, "train.epochs", "0", "at least 1"),
     "int out of a float range": (
         {"train.learning_rate": 20},

@@ -31,7 +31,7 @@ from pipeline.dataset import (
 )
 from pipeline.explain import feature_layer
 from pipeline.modelmeta import read_model_info
-from pipeline.models import build_model, snapshot_ensemble
+from pipeline.models import build_model, snapshot_ensemble, whitening_filters
 from pipeline.params import AugmentationParams, ModelParams, TrainParams
 from pipeline.paths import Paths
 
@@ -379,6 +379,19 @@ def test_ema_swap_trains_the_pipeline_with_batchnorm_recalibrated(
     model = keras.models.load_model(paths.model, compile=False)
     probabilities = model.predict(validation_images(paths), batch_size=16, verbose=0)
     assert_scores_what_was_logged(paths, probabilities, result, loss=True)
+
+
+def test_whitened_stem_is_set_from_every_training_face_before_the_first_epoch(
+    tmp_path: Path, tiny_data: Paths
+) -> None:
+    _, paths, _ = train_into(
+        tmp_path, tiny_data, **{"model.arch": "resnet", "model.stem": "whitened"}
+    )
+
+    # model.h5 holds the filters of all 70 training faces, unchanged by two epochs
+    faces = load_split(paths.processed / "train", 48).array()
+    saved = keras.models.load_model(paths.model, compile=False).get_layer("stem_conv")
+    np.testing.assert_allclose(saved.kernel.numpy(), whitening_filters([faces / 255.0]), rtol=1e-4)
 
 
 def test_balanced_class_weight_is_n_over_k_times_count() -> None:
