@@ -26,7 +26,7 @@ ARCHITECTURES: dict[str, Builder] = {}
 SCALABLE: set[str] = set()
 # The architectures that start with `_stem`, so `model.stem` can choose it.
 STEMMED: set[str] = set()
-# A whitened stem's 3×3 patches, and the share of their mean variance added to each
+# The stem's 3×3 patches, and for a whitened stem the share of their mean variance added to each
 # eigenvalue before dividing by its square root (airbench's 5e-4 of inputs of unit
 # variance): the flattest directions, mostly noise, are not blown up.
 WHITENING_KERNEL = 3
@@ -113,15 +113,16 @@ def _stem(input_shape: tuple[int, int, int], crop: int, width: float = 1.0, kind
     filters, which `whiten_stem` sets from the training images (airbench's first layer).
     """
     inputs, x = _rescaled_input(input_shape, crop)
-    if kind == "whitened":
-        filters = 2 * WHITENING_KERNEL**2 * input_shape[-1]
-        conv = layers.Conv2D(
-            filters, WHITENING_KERNEL, padding="same", use_bias=False, name="stem_conv"
-        )
-        conv.trainable = False
-    else:
-        conv = layers.Conv2D(scaled(32, width), 3, padding="same", use_bias=False, name="stem_conv")
-    x = conv(x)
+    whitened = kind == "whitened"
+    filters = 2 * WHITENING_KERNEL**2 * input_shape[-1] if whitened else scaled(32, width)
+    x = layers.Conv2D(
+        filters,
+        WHITENING_KERNEL,
+        padding="same",
+        use_bias=False,
+        trainable=not whitened,
+        name="stem_conv",
+    )(x)
     x = layers.BatchNormalization(name="stem_bn")(x)
     return inputs, layers.Activation("relu", name="stem_relu")(x)
 
