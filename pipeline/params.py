@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
 
 from pipeline.paths import PARAMS_FILE
 
@@ -251,6 +252,21 @@ def _describe(tp: Any) -> str:
     return names.get(tp, str(tp))
 
 
+def _bounds(field: FieldInfo) -> str:
+    """A field's range in words: `from 0.0 to 0.5`, `at least 1`, `above 0.0 or null`."""
+    names = {"ge": "at least", "gt": "above", "le": "at most", "lt": "below"}
+    limits = {
+        kind: getattr(m, kind)
+        for m in field.metadata
+        if (kind := type(m).__name__.lower()) in names
+    }
+    if "ge" in limits and "le" in limits:
+        words = f"from {limits['ge']} to {limits['le']}"
+    else:
+        words = " and ".join(f"{names[kind]} {limit}" for kind, limit in limits.items())
+    return words + (" or null" if type(None) in typing.get_args(field.annotation) else "")
+
+
 _UNKNOWN = ("extra_forbidden", "invalid_key")  # a key not declared; one that is not a string
 
 
@@ -280,12 +296,9 @@ def _message(error: Mapping[str, Any], raw: Mapping[str, Any]) -> str:
     value = functools.reduce(operator.getitem, parts, raw)
     if error["type"] == "model_type":
         return f"{key}: expected a mapping of keys, got {value!r}"
-    if error["type"] in ("greater_than_equal", "less_than_equal"):
-        schema = group.model_json_schema()["properties"][name]
-        lo, hi = schema["minimum"], schema.get("maximum")
-        bounds = f"at least {lo}" if hi is None else f"from {lo} to {hi}"
-        shown = float(value) if tp is float else value
-        return f"{key}: {shown!r} is out of range; allowed: {bounds}"
+    if error["type"] in ("greater_than_equal", "less_than_equal", "greater_than", "less_than"):
+        shown = float(value) if float in (tp, *typing.get_args(tp)) else value
+        return f"{key}: {shown!r} is out of range; allowed: {_bounds(group.model_fields[name])}"
     return f"{key}: {value!r} is not allowed; allowed: {_describe(tp)}"
 
 

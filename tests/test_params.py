@@ -186,6 +186,12 @@ BAD = {
         "set train.ema_momentum to 0.0 or train.snapshots to 1",
     ),
     "no snapshots": ({"train.snapshots": 0}, "train.snapshots", "0", "at least 1"),
+    "ema of everything": (
+        {"train.ema_momentum": 1.0},
+        "train.ema_momentum",
+        "1.0",
+        "at least 0.0 and below 1.0",
+    ),
     "bad kaggle slug": (
         {"data.kaggle_dataset": "fer2013"},
         "data.kaggle_dataset",
