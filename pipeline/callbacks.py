@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable
+
 import keras
 import tensorflow as tf
+
+log = logging.getLogger(__name__)
+
+
+def _now() -> float:
+    return time.monotonic()
 
 
 class _AtEachEpochsLastStep:
@@ -116,3 +126,71 @@ class KeepSnapshots(keras.callbacks.Callback):
         if (epoch + 1) % self.cycle == 0:
             self.snapshots.append(self.model.get_weights())
             self.epochs.append(epoch + 1)
+
+
+class TimeBudget(keras.callbacks.Callback):
+    """`train.time_budget_minutes`: as many of `epochs` as fit in `minutes`, with the
+    learning-rate schedule laid over them (`planned`, which the schedule reads).
+
+    The first `fix_after` epochs train at rates that do not depend on the schedule's
+    length (the warm-up; without one, the first epoch). Once they are done, their pace
+    fixes `planned`: the epochs done plus as many more as the time left holds at the
+    mean time of an epoch, the first one left out of the mean when there are others (it
+    also builds the graph). So a run that is not slowed down later trains exactly as
+    `train.epochs: <planned>` without a budget would. When a later epoch shows that the
+    rest no longer fits, `planned` is shortened again, and the schedule with it. Before
+    the plan is fixed, training stops only when not even one more epoch fits.
+    """
+
+    def __init__(
+        self,
+        minutes: float,
+        epochs: int,
+        fix_after: int,
+        clock: Callable[[], float] | None = None,
+    ):
+        super().__init__()
+        self.seconds = 60.0 * minutes
+        self.epochs = epochs
+        self.planned = epochs
+        self.fix_after = max(1, fix_after)
+        self.fixed_at: int | None = None  # the epoch after which the plan was fixed
+        self.shortened = False  # whether a later epoch shortened the fixed plan
+        self.clock = clock or _now
+
+    def on_train_begin(self, logs=None) -> None:
+        self.started = self.last = self.clock()
+        self.durations: list[float] = []
+
+    def on_epoch_end(self, epoch: int, logs=None) -> None:
+        now = self.clock()
+        self.durations.append(now - self.last)
+        self.last = now
+        done = epoch + 1
+        timed = self.durations[1:] or self.durations
+        pace = sum(timed) / len(timed)
+        fits = done + max(0, int((self.seconds - (now - self.started)) // pace))
+        if done < self.fix_after:
+            if fits <= done:
+                self._plan(done, done, pace, "not one more epoch fits before the warm-up ends")
+        elif self.fixed_at is None:
+            self.fixed_at = done
+            self._plan(min(self.epochs, fits), done, pace, "fixed")
+        elif fits < self.planned:
+            self.shortened = True
+            self._plan(fits, done, pace, "shortened, as the epochs slowed down")
+        if done >= self.planned:
+            self.model.stop_training = True
+
+    def _plan(self, planned: int, done: int, pace: float, why: str) -> None:
+        self.planned = planned
+        log.info(
+            "time budget %.4g min, after epoch %d: %.0f s an epoch, so %d of train.epochs %d "
+            "fit (plan %s)",
+            self.seconds / 60,
+            done,
+            pace,
+            planned,
+            self.epochs,
+            why,
+        )

@@ -149,6 +149,7 @@ class TrainParams(_Group):
     ema_momentum: float = Field(ge=0.0, lt=1.0)
     ema_mode: Literal["overwrite", "swap"]
     snapshots: int = Field(ge=1)
+    time_budget_minutes: float | None = Field(default=None, gt=0.0)
     temperature_scaling: bool
     bn_recalibration_batches: int = Field(ge=0)
     precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"]
@@ -207,6 +208,12 @@ class TrainParams(_Group):
                 f"{given} averages the snapshots of its cycles, which "
                 f"train.ema_momentum ({self.ema_momentum}) would replace by averages; "
                 "set train.ema_momentum to 0.0 or train.snapshots to 1"
+            )
+        if self.time_budget_minutes is not None:
+            raise ParamsError(
+                f"{given} trains cycles of train.epochs / train.snapshots epochs, which "
+                f"train.time_budget_minutes ({self.time_budget_minutes}) would cut short; "
+                "set train.time_budget_minutes to null or train.snapshots to 1"
             )
         return self
 

@@ -46,10 +46,12 @@ class TrainResult:
     ensemble_val_accuracy: float | None = None
 
 
-def learning_rate_at(epoch: int, train: TrainParams) -> float:
+def learning_rate_at(epoch: int, train: TrainParams, total: int | None = None) -> float:
     """The scheduled learning rate of a 0-based epoch for `cosine` and `onecycle`; with
-    `train.snapshots` cycles, each cycle runs the whole schedule over its epochs."""
-    base, total, warmup = train.learning_rate, train.cycle_epochs, train.warmup_epochs
+    `train.snapshots` cycles, each cycle runs the whole schedule over its epochs. `total`
+    (the epochs a time budget planned) stands for `train.epochs`."""
+    base, warmup = train.learning_rate, train.warmup_epochs
+    total = total or train.cycle_epochs
     epoch %= total
     if train.lr_schedule == "onecycle":
         peak = max(1, warmup or round(0.3 * total))
@@ -95,8 +97,9 @@ def make_optimizer(train: TrainParams, steps_per_epoch: int):
     return keras.optimizers.Adam(learning_rate=train.learning_rate, **ema)
 
 
-def make_callbacks(train: TrainParams, model_path: Path) -> list:
-    """The seed's callbacks, each value from params, plus the learning-rate schedule."""
+def make_callbacks(train: TrainParams, model_path: Path, budget=None) -> list:
+    """The seed's callbacks, each value from params, plus the learning-rate schedule (over
+    the epochs `budget`, a `TimeBudget`, plans, when given)."""
     import keras
 
     callbacks: list = [
@@ -128,7 +131,9 @@ def make_callbacks(train: TrainParams, model_path: Path) -> list:
         )
     else:
         callbacks.append(
-            keras.callbacks.LearningRateScheduler(lambda epoch: learning_rate_at(epoch, train))
+            keras.callbacks.LearningRateScheduler(
+                lambda epoch: learning_rate_at(epoch, train, budget and budget.planned)
+            )
         )
     return callbacks
 
@@ -178,7 +183,12 @@ def fit_model(
     history and the seconds `model.fit` took."""
     import keras  # as in `run`: once the params are good
 
-    from pipeline.callbacks import KeepSnapshots, RecalibrateBatchNorm, ValidateTheAverage
+    from pipeline.callbacks import (
+        KeepSnapshots,
+        RecalibrateBatchNorm,
+        TimeBudget,
+        ValidateTheAverage,
+    )
     from pipeline.dataset import evaluation_input, training_input
     from pipeline.models import build_model, whiten_stem
 
@@ -207,7 +217,13 @@ def fit_model(
 
     # the schedule's callback logs each epoch's rate as `learning_rate`, before the
     # extra callbacks (MLflow's) read the logs
-    callbacks = [*make_callbacks(train, paths.model), *extra_callbacks]
+    budget = None
+    if train.time_budget_minutes is not None:
+        # the rates of the warm-up's epochs (without one, the first's) do not depend on
+        # the schedule's length: the plan is fixed once they are done
+        fix_after = train.warmup_epochs if train.lr_schedule != "plateau" else 1
+        budget = TimeBudget(train.time_budget_minutes, train.epochs, fix_after)
+    callbacks = [*make_callbacks(train, paths.model, budget), *extra_callbacks]
     class_weight = (
         balanced_class_weight(train_split.labels, len(CLASSES))
         if train.class_weight == "balanced"
@@ -237,6 +253,8 @@ def fit_model(
     if train.snapshots > 1:  # last: it keeps the weights as they were validated
         keeper = KeepSnapshots(train.cycle_epochs)
         callbacks.append(keeper)
+    if budget is not None:  # last, so that an epoch's time includes all its callbacks
+        callbacks.append(budget)
     started = time.perf_counter()
     fit = model.fit(
         training_input(train_split, train.batch_size, train.seed, train.augmentation),
@@ -248,7 +266,29 @@ def fit_model(
         shuffle=False,  # the input shuffles itself, with the seed
         verbose=1 if is_terminal() else 2,
     )
-    return fit, time.perf_counter() - started, keeper
+    return fit, time.perf_counter() - started, keeper, budget
+
+
+def log_budget_outcome(budget, epochs_run: int) -> None:
+    """What `train.time_budget_minutes` let train, and how to train the same without it."""
+    given = f"train.time_budget_minutes {budget.seconds / 60:.4g}"
+    if budget.shortened:
+        log.warning(
+            "%s: trained %d of train.epochs %d; the plan was shortened after it was fixed "
+            "(a slower spell), so no train.epochs alone trains the same schedule",
+            given,
+            epochs_run,
+            budget.epochs,
+        )
+    else:
+        log.info(
+            "%s: trained %d of train.epochs %d; -S train.epochs=%d -S "
+            "train.time_budget_minutes=null trains the same",
+            given,
+            epochs_run,
+            budget.epochs,
+            budget.planned,
+        )
 
 
 def save_snapshot_ensemble(model, keeper, val_split, paths: Paths, batch_size: int) -> float:
@@ -294,9 +334,11 @@ def run(params: Params, paths: Paths, extra_callbacks: list | None = None) -> Tr
         steps = steps_per_epoch(train_split.count, train.batch_size, train.steps_per_epoch)
         # the model's, the optimizer's and the metrics' variables are made in the scope
         with distribution_scope(train.distribution):
-            fit, seconds, keeper = fit_model(
+            fit, seconds, keeper, budget = fit_model(
                 params, paths, train_split, val_split, steps, extra_callbacks or []
             )
+        if budget is not None:
+            log_budget_outcome(budget, len(fit.history["loss"]))
         ensemble_accuracy = None
         if keeper is not None:
             ensemble_accuracy = save_snapshot_ensemble(

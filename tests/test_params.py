@@ -186,6 +186,23 @@ BAD = {
         "set train.ema_momentum to 0.0 or train.snapshots to 1",
     ),
     "no snapshots": ({"train.snapshots": 0}, "train.snapshots", "0", "at least 1"),
+    "snapshots with a time budget": (
+        {
+            "train.snapshots": 5,
+            "train.lr_schedule": "cosine",
+            "train.early_stopping.enabled": False,
+            "train.time_budget_minutes": 30,
+        },
+        "train.snapshots",
+        "train.time_budget_minutes (30.0) would cut short",
+        "set train.time_budget_minutes to null or train.snapshots to 1",
+    ),
+    "no time at all": (
+        {"train.time_budget_minutes": 0},
+        "train.time_budget_minutes",
+        "0.0",
+        "above 0.0 or null",
+    ),
     "ema of everything": (
         {"train.ema_momentum": 1.0},
         "train.ema_momentum",

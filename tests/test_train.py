@@ -19,7 +19,13 @@ from PIL import Image
 
 import pipeline
 from pipeline import CLASSES, metrics, runtime, train
-from pipeline.callbacks import KeepSnapshots, RecalibrateBatchNorm, ValidateTheAverage
+from pipeline import callbacks as pipeline_callbacks
+from pipeline.callbacks import (
+    KeepSnapshots,
+    RecalibrateBatchNorm,
+    TimeBudget,
+    ValidateTheAverage,
+)
 from pipeline.dataset import (
     Split,
     augment_batch,
@@ -392,6 +398,125 @@ def test_whitened_stem_is_set_from_every_training_face_before_the_first_epoch(
     faces = load_split(paths.processed / "train", 48).array()
     saved = keras.models.load_model(paths.model, compile=False).get_layer("stem_conv")
     np.testing.assert_allclose(saved.kernel.numpy(), whitening_filters([faces / 255.0]), rtol=1e-4)
+
+
+class Clock:
+    """A clock for `TimeBudget` whose epochs take the seconds of `durations` in turn (the
+    first call starts the training); the last one repeats."""
+
+    def __init__(self, *durations: float):
+        self.durations = list(durations)
+        self.now = 0.0
+        self.calls = 0
+
+    def __call__(self) -> float:
+        if self.calls:
+            self.now += self.durations[min(self.calls, len(self.durations)) - 1]
+        self.calls += 1
+        return self.now
+
+
+def run_budget(budget: TimeBudget, epochs: int) -> list[int]:
+    """Epochs through `budget` as `fit` would, until it stops them; the plan after each."""
+    budget.set_model(SimpleNamespace(stop_training=False))
+    budget.on_train_begin()
+    plans = []
+    for epoch in range(epochs):
+        budget.on_epoch_end(epoch)
+        plans.append(budget.planned)
+        if budget.model.stop_training:
+            break
+    return plans
+
+
+def test_time_budget_fixes_the_plan_from_the_warm_ups_pace_leaving_the_first_epoch_out():
+    # the first epoch builds the graph (100 s), then 60 s each: 10 min hold 100 + 8 × 60
+    budget = TimeBudget(10, epochs=40, fix_after=3, clock=Clock(100, 60))
+    plans = run_budget(budget, 40)
+
+    assert plans == [40, 40] + [9] * 7  # fixed after the warm-up's third epoch
+    assert budget.fixed_at == 3 and not budget.shortened
+    assert len(plans) == 9  # stopped when the plan was done: 100 + 8 × 60 = 580 s
+
+
+def test_time_budget_never_plans_more_than_train_epochs() -> None:
+    budget = TimeBudget(60, epochs=5, fix_after=1, clock=Clock(10))
+    assert run_budget(budget, 5) == [5] * 5
+
+
+def test_time_budget_shortens_the_plan_when_the_epochs_slow_down() -> None:
+    # 60 s epochs plan 10 epochs in 10 min; from the fourth on they take 120 s
+    budget = TimeBudget(10, epochs=40, fix_after=2, clock=Clock(60, 60, 60, 120))
+    plans = run_budget(budget, 40)
+
+    assert plans[:3] == [40, 10, 10]
+    assert budget.shortened
+    assert plans == [40, 10, 10, 7, 7, 6]  # 80 s, then 96 s an epoch: 6 in 540 s
+    assert budget.last - budget.started <= 600
+
+
+def test_time_budget_stops_in_the_warm_up_when_not_one_more_epoch_fits() -> None:
+    budget = TimeBudget(2.5, epochs=40, fix_after=5, clock=Clock(60))
+    assert run_budget(budget, 40) == [40, 2]  # after 120 s, a third 60 s epoch would not fit
+    assert budget.fixed_at is None
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
+def test_the_schedule_runs_over_the_epochs_the_budget_planned(schedule: str, tmp_path) -> None:
+    params = train_params(lr_schedule=schedule, epochs=40, warmup_epochs=3, learning_rate=0.01)
+    budget = TimeBudget(10, epochs=40, fix_after=3, clock=Clock(60))
+    scheduler = train.make_callbacks(params, tmp_path / "model.h5", budget)[-1]
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer=train.make_optimizer(params, 10), loss="mse")
+    scheduler.set_model(model)
+    budget.set_model(model)
+    budget.on_train_begin()
+    rates = []
+    for epoch in range(40):
+        scheduler.on_epoch_begin(epoch)
+        rates.append(float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)))
+        budget.on_epoch_end(epoch)
+        if model.stop_training:
+            break
+
+    planned = params.model_copy(update={"epochs": 10})
+    assert rates == pytest.approx([train.learning_rate_at(e, planned) for e in range(10)])
+    assert rates[-1] < 0.1 * 0.01  # the schedule ends within the budget, not at epoch 40
+
+
+@pytest.mark.slow
+def test_a_budgeted_training_is_the_fixed_training_of_the_epochs_it_planned(
+    tmp_path: Path, tiny_data: Paths, monkeypatch, caplog
+) -> None:
+    # epochs of 60 s on the budget's clock: 3.5 min hold 3 of the 10
+    monkeypatch.setattr(pipeline_callbacks, "_now", Clock(60))
+    schedule = {
+        "train.epochs": 10,
+        "train.lr_schedule": "onecycle",
+        "train.warmup_epochs": 1,
+        "train.early_stopping.enabled": False,
+    }
+    with caplog.at_level("INFO", logger="pipeline"):
+        _, budgeted_paths, budgeted = train_into(
+            tmp_path / "budgeted", tiny_data, **schedule, **{"train.time_budget_minutes": 3.5}
+        )
+    _, fixed_paths, fixed = train_into(
+        tmp_path / "fixed", tiny_data, **{**schedule, "train.epochs": 3}
+    )
+
+    assert len(budgeted.history) == 3
+    assert budgeted.history == fixed.history
+    assert budgeted_paths.history.read_bytes() == fixed_paths.history.read_bytes()
+    images = validation_images(fixed_paths)
+    predictions = [
+        keras.models.load_model(p.model, compile=False).predict(images, verbose=0)
+        for p in (budgeted_paths, fixed_paths)
+    ]
+    np.testing.assert_array_equal(predictions[0], predictions[1])
+    assert (
+        "train.time_budget_minutes 3.5: trained 3 of train.epochs 10; -S train.epochs=3 "
+        "-S train.time_budget_minutes=null trains the same" in caplog.text
+    )
 
 
 def test_balanced_class_weight_is_n_over_k_times_count() -> None:
