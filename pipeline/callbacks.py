@@ -137,25 +137,29 @@ class TimeBudget(keras.callbacks.Callback):
     fixes `planned`: the epochs done plus as many more as the time left holds at the
     mean time of an epoch, the first one left out of the mean when there are others (it
     also builds the graph). So a run that is not slowed down later trains exactly as
-    `train.epochs: <planned>` without a budget would. When a later epoch shows that the
-    rest no longer fits, `planned` is shortened again, and the schedule with it. Before
-    the plan is fixed, training stops only when not even one more epoch fits.
+    `train.epochs: <planned>` without a budget would. After each later epoch the plan is
+    made again from the pace of all the epochs so far: shorter when the rest no longer
+    fits, longer again (never beyond `epochs`) when a slow spell has passed, the schedule
+    with it. Before
+    the plan is fixed, training stops only when not even one more epoch fits; with
+    `fix_after=None` (a schedule that does not depend on its length, as `plateau`) the
+    plan is never fixed, and that is the only stop.
     """
 
     def __init__(
         self,
         minutes: float,
         epochs: int,
-        fix_after: int,
+        fix_after: int | None,
         clock: Callable[[], float] | None = None,
     ):
         super().__init__()
         self.seconds = 60.0 * minutes
         self.epochs = epochs
         self.planned = epochs
-        self.fix_after = max(1, fix_after)
+        self.fix_after = None if fix_after is None else max(1, fix_after)
         self.fixed_at: int | None = None  # the epoch after which the plan was fixed
-        self.shortened = False  # whether a later epoch shortened the fixed plan
+        self.replanned = False  # whether a later epoch changed the fixed plan
         self.clock = clock or _now
 
     def on_train_begin(self, logs=None) -> None:
@@ -170,15 +174,23 @@ class TimeBudget(keras.callbacks.Callback):
         timed = self.durations[1:] or self.durations
         pace = sum(timed) / len(timed)
         fits = done + max(0, int((self.seconds - (now - self.started)) // pace))
-        if done < self.fix_after:
+        if self.fix_after is None or done < self.fix_after:
             if fits <= done:
-                self._plan(done, done, pace, "not one more epoch fits before the warm-up ends")
+                self._plan(done, done, pace, "ended: not one more epoch fits")
         elif self.fixed_at is None:
             self.fixed_at = done
             self._plan(min(self.epochs, fits), done, pace, "fixed")
-        elif fits < self.planned:
-            self.shortened = True
-            self._plan(fits, done, pace, "shortened, as the epochs slowed down")
+        elif min(self.epochs, fits) != self.planned:
+            self.replanned = True
+            longer = fits > self.planned
+            self._plan(
+                min(self.epochs, fits),
+                done,
+                pace,
+                "lengthened, as the epochs sped up"
+                if longer
+                else "shortened, as the epochs slowed down",
+            )
         if done >= self.planned:
             self.model.stop_training = True
 

@@ -220,8 +220,8 @@ def fit_model(
     budget = None
     if train.time_budget_minutes is not None:
         # the rates of the warm-up's epochs (without one, the first's) do not depend on
-        # the schedule's length: the plan is fixed once they are done
-        fix_after = train.warmup_epochs if train.lr_schedule != "plateau" else 1
+        # the schedule's length: the plan is fixed once they are done; plateau's never do
+        fix_after = None if train.lr_schedule == "plateau" else train.warmup_epochs
         budget = TimeBudget(train.time_budget_minutes, train.epochs, fix_after)
     callbacks = [*make_callbacks(train, paths.model, budget), *extra_callbacks]
     class_weight = (
@@ -272,10 +272,10 @@ def fit_model(
 def log_budget_outcome(budget, epochs_run: int) -> None:
     """What `train.time_budget_minutes` let train, and how to train the same without it."""
     given = f"train.time_budget_minutes {budget.seconds / 60:.4g}"
-    if budget.shortened:
+    if budget.replanned:
         log.warning(
-            "%s: trained %d of train.epochs %d; the plan was shortened after it was fixed "
-            "(a slower spell), so no train.epochs alone trains the same schedule",
+            "%s: trained %d of train.epochs %d; the plan changed after it was fixed (the "
+            "epochs' pace changed), so no train.epochs alone trains the same schedule",
             given,
             epochs_run,
             budget.epochs,

@@ -435,7 +435,7 @@ def test_time_budget_fixes_the_plan_from_the_warm_ups_pace_leaving_the_first_epo
     plans = run_budget(budget, 40)
 
     assert plans == [40, 40] + [9] * 7  # fixed after the warm-up's third epoch
-    assert budget.fixed_at == 3 and not budget.shortened
+    assert budget.fixed_at == 3 and not budget.replanned
     assert len(plans) == 9  # stopped when the plan was done: 100 + 8 × 60 = 580 s
 
 
@@ -450,15 +450,42 @@ def test_time_budget_shortens_the_plan_when_the_epochs_slow_down() -> None:
     plans = run_budget(budget, 40)
 
     assert plans[:3] == [40, 10, 10]
-    assert budget.shortened
+    assert budget.replanned
     assert plans == [40, 10, 10, 7, 7, 6]  # 80 s, then 96 s an epoch: 6 in 540 s
     assert budget.last - budget.started <= 600
+
+
+def test_time_budget_lengthens_the_plan_again_when_a_slow_spell_passes(caplog) -> None:
+    # one 120 s epoch among 60 s ones: the plan of 10 drops to 7, and grows back to the 8
+    # that the mean pace of all the epochs then holds
+    budget = TimeBudget(10, epochs=40, fix_after=2, clock=Clock(60, 60, 60, 120, 60))
+    plans = run_budget(budget, 40)
+
+    assert plans == [40, 10, 10, 7, 8, 8, 8, 8]
+    assert budget.replanned
+    assert budget.last - budget.started == 540
+    with caplog.at_level("INFO", logger="pipeline"):
+        train.log_budget_outcome(budget, len(plans))
+    assert [r.levelname for r in caplog.records if "time_budget" in r.getMessage()] == ["WARNING"]
+    assert (
+        "train.time_budget_minutes 10: trained 8 of train.epochs 40; the plan changed after "
+        "it was fixed (the epochs' pace changed), so no train.epochs alone trains the same "
+        "schedule" in caplog.text
+    )
 
 
 def test_time_budget_stops_in_the_warm_up_when_not_one_more_epoch_fits() -> None:
     budget = TimeBudget(2.5, epochs=40, fix_after=5, clock=Clock(60))
     assert run_budget(budget, 40) == [40, 2]  # after 120 s, a third 60 s epoch would not fit
     assert budget.fixed_at is None
+
+
+def test_time_budget_without_a_plan_stops_only_when_not_one_more_epoch_fits() -> None:
+    # plateau's rates do not depend on the length: the pace of every epoch so far counts
+    # (the first's 100 s left out), and training stops when the next would not fit in 5 min
+    budget = TimeBudget(5, epochs=40, fix_after=None, clock=Clock(100, 60))
+    assert run_budget(budget, 40) == [40, 40, 40, 4]  # 100 + 3 × 60 = 280 s; 340 would not
+    assert budget.fixed_at is None and not budget.replanned
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
