@@ -140,10 +140,9 @@ class TimeBudget(keras.callbacks.Callback):
     `train.epochs: <planned>` without a budget would. After each later epoch the plan is
     made again from the pace of all the epochs so far: shorter when the rest no longer
     fits, longer again (never beyond `epochs`) when a slow spell has passed, the schedule
-    with it. Before
-    the plan is fixed, training stops only when not even one more epoch fits; with
-    `fix_after=None` (a schedule that does not depend on its length, as `plateau`) the
-    plan is never fixed, and that is the only stop.
+    with it. Before the plan is fixed, training stops only when not even one more epoch
+    fits; with `fix_after=None` (a schedule that does not depend on its length, as
+    `plateau`) the plan is never fixed, and that is the only stop.
     """
 
     def __init__(
@@ -174,23 +173,20 @@ class TimeBudget(keras.callbacks.Callback):
         timed = self.durations[1:] or self.durations
         pace = sum(timed) / len(timed)
         fits = done + max(0, int((self.seconds - (now - self.started)) // pace))
+        target = min(self.epochs, fits)
         if self.fix_after is None or done < self.fix_after:
-            if fits <= done:
+            if fits == done:
                 self._plan(done, done, pace, "ended: not one more epoch fits")
         elif self.fixed_at is None:
             self.fixed_at = done
-            self._plan(min(self.epochs, fits), done, pace, "fixed")
-        elif min(self.epochs, fits) != self.planned:
+            self._plan(target, done, pace, "fixed")
+        elif target != self.planned:
             self.replanned = True
-            longer = fits > self.planned
-            self._plan(
-                min(self.epochs, fits),
-                done,
-                pace,
-                "lengthened, as the epochs sped up"
-                if longer
-                else "shortened, as the epochs slowed down",
-            )
+            if target > self.planned:
+                why = "lengthened, as the epochs sped up"
+            else:
+                why = "shortened, as the epochs slowed down"
+            self._plan(target, done, pace, why)
         if done >= self.planned:
             self.model.stop_training = True
 
