@@ -183,8 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         if not recipes:
             print(f"no recipes in {RECIPES_DIR}/", file=sys.stderr)
             return 1
+        width = max(len(name) for name in recipes)
         for name, path in recipes.items():
-            print(f"{name:<24} {description(path)}")
+            print(f"{name:<{width}}  {description(path)}")
         return 0
 
     dvc_args = [flag for flag, on in (("--queue", args.queue), ("--temp", args.temp)) if on]

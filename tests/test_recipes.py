@@ -187,3 +187,16 @@ def test_uncommitted_params_the_recipe_does_not_set_are_refused_not_run(tmp_path
     kept = run("-S", "model.crop=40")
     assert kept.returncode == 0, kept.stderr
     assert _settings_from_argv(json.loads(record.read_text()))["model.crop"] == 40
+
+
+def test_list_lines_up_the_descriptions_after_the_longest_name(tmp_path, monkeypatch, capsys):
+    _write_recipe(tmp_path / "recipes", "short", "# The short one.\ntrain:\n  epochs: 2\n")
+    _write_recipe(
+        tmp_path / "recipes", "a-much-longer-recipe-name", "# The long one.\ntrain:\n  epochs: 3\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    assert recipes.main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert sorted(line.split()[0] for line in lines) == ["a-much-longer-recipe-name", "short"]
+    columns = {line.index("The ") for line in lines}
+    assert columns == {len("a-much-longer-recipe-name") + 2}
