@@ -59,6 +59,11 @@ SECRET_NAMES = (
 )
 ADMIN_USER = "admin"
 DB_USER = "mlflow"
+# basic-auth checks the password against its scrypt hash on every request (about 0.1 s
+# of the server's CPU each, by design); each worker keeps a successful check this long.
+# A password changed or a user removed through the API takes effect at once on the worker
+# that served it and within this many seconds on the others.
+AUTH_CACHE_SECONDS = 60
 DATABASES = ("mlflow", "mlflow_auth")  # runs and the registry; basic-auth's users
 DVC_REMOTE = "team"
 # SeaweedFS opens these beside its S3 port (offsets from it), each with a gRPC port 10000 up
@@ -585,7 +590,8 @@ class MLflowServer:
             "default_permission = EDIT\n"
             f"database_uri = {self.postgres.uri('mlflow_auth')}\n"
             f"admin_username = {ADMIN_USER}\n"
-            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n",
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            f"auth_cache_ttl_seconds = {AUTH_CACHE_SECONDS}\n",
             encoding="utf-8",
         )
 

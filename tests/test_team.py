@@ -311,6 +311,12 @@ def test_up_prints_a_team_users_environment_and_keeps_secrets_private(team) -> N
     command_line = Path(f"/proc/{pid}/cmdline").read_bytes().decode()
     assert keys["mlflow_db_password"] not in command_line
     assert "--app-name\0basic-auth" in command_line
+    # as MLflow reads it: the users in PostgreSQL, and each successful login kept a while
+    assert auth_config(team.dir / "mlflow" / "basic_auth.ini") == {
+        "default_permission": "EDIT",
+        "database": "mlflow_auth",
+        "auth_cache_ttl_seconds": stack.AUTH_CACHE_SECONDS,
+    }
     print(f"first up: {team.up_seconds:.1f} s")
 
 
@@ -580,6 +586,28 @@ PROJECT_PARAMS = {"model.arch": "xception", "mlflow.registered_model": SWEEP_MOD
 SHARES = {"a": ("0.0005", "0.002"), "b": ("0.0002", "0.004")}
 QUEUE_TIMEOUT_SECONDS = 1800
 ENDED = ("Success", "Failed")
+
+
+def auth_config(path: Path) -> dict[str, object]:
+    """The settings of a basic-auth ini that this project sets, as MLflow's server reads them
+    (in a process of its own: importing the auth app reads its ini and builds its store)."""
+    script = (
+        "import json\n"
+        "from mlflow.server.auth.config import read_auth_config\n"
+        "c = read_auth_config()\n"
+        "print(json.dumps({'default_permission': c.default_permission,\n"
+        "    'database': c.database_uri.rsplit('/', 1)[-1],\n"
+        "    'auth_cache_ttl_seconds': c.auth_cache_ttl_seconds}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env=subprocess_env(MLFLOW_AUTH_CONFIG_PATH=str(path)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
 
 
 def md5(path: Path) -> str:
@@ -1118,8 +1146,11 @@ def test_the_compose_stack_runs_the_tested_servers_with_their_settings() -> None
     environment = services["mlflow"]["environment"]
     for variable in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY", "PGPASSWORD"):
         assert variable in environment
-    ini = (deploy / "basic_auth.ini").read_text()
-    assert "default_permission = EDIT" in ini and "mlflow_auth" in ini
+    assert auth_config(deploy / "basic_auth.ini") == {
+        "default_permission": "EDIT",
+        "database": "mlflow_auth",
+        "auth_cache_ttl_seconds": stack.AUTH_CACHE_SECONDS,
+    }
     assert "mlflow_auth" in (deploy / "postgres-init.sql").read_text()
     # every secret the file asks for is in the example, and the example holds no real one
     text = (deploy / "compose.yaml").read_text()
