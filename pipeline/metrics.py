@@ -20,6 +20,11 @@ def compute_metrics(
     from sklearn.metrics import classification_report, confusion_matrix, f1_score, log_loss
 
     labels = list(range(len(class_names)))
+    # A float32 softmax sums to one only within float32 rounding (up to ~2e-7), which
+    # scikit-learn's log_loss, held to float64's, warns about: rescale each row in float64.
+    # The predicted classes do not change.
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    probabilities = probabilities / probabilities.sum(axis=1, keepdims=True)
     y_pred = probabilities.argmax(axis=1)
     report = classification_report(
         y_true, y_pred, labels=labels, target_names=list(class_names),

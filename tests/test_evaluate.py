@@ -110,6 +110,24 @@ def test_a_perfect_prediction_scores_one_and_loses_nothing() -> None:
     assert np.array_equal(matrix, np.diag([3, 2, 3, 0]))
 
 
+def test_a_float32_softmax_scores_without_a_warning_and_as_exact_probabilities(
+    recwarn: pytest.WarningsRecorder,
+) -> None:
+    # what the evaluate stage scores: a model's float32 softmax, read as float64 by
+    # apply_temperature, rows that sum to one only within float32 rounding; scikit-learn's
+    # log_loss holds float64 input to float64's rounding and used to warn
+    logits = np.random.default_rng(0).normal(size=(200, 4))
+    exact = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    rounded = apply_temperature(exact.astype(np.float32), 1.0)
+    assert rounded.dtype == np.float64
+    assert np.abs(rounded.sum(axis=1) - 1).max() > 1e-8  # off by float32 rounding
+    labels = np.arange(200) % 4
+    metrics = compute_metrics(labels, rounded, NAMES)[0]
+    assert [str(w.message) for w in recwarn] == []
+    assert metrics["loss"] == pytest.approx(compute_metrics(labels, exact, NAMES)[0]["loss"])
+    assert metrics["accuracy"] == np.mean(exact.argmax(axis=1) == labels)
+
+
 def test_confusion_rows_name_the_classes_one_row_per_image() -> None:
     rows = confusion_rows(Y_TRUE, PROBABILITIES.argmax(axis=1), NAMES)
     assert rows == "actual,predicted\na,a\na,a\na,b\nb,b\nb,c\nc,c\nc,c\nc,a\n"
