@@ -312,11 +312,7 @@ def test_up_prints_a_team_users_environment_and_keeps_secrets_private(team) -> N
     assert keys["mlflow_db_password"] not in command_line
     assert "--app-name\0basic-auth" in command_line
     # as MLflow reads it: the users in PostgreSQL, and each successful login kept a while
-    assert auth_config(team.dir / "mlflow" / "basic_auth.ini") == {
-        "default_permission": "EDIT",
-        "database": "mlflow_auth",
-        "auth_cache_ttl_seconds": stack.AUTH_CACHE_SECONDS,
-    }
+    assert auth_config(team.dir / "mlflow" / "basic_auth.ini") == AUTH_SETTINGS
     print(f"first up: {team.up_seconds:.1f} s")
 
 
@@ -586,6 +582,15 @@ PROJECT_PARAMS = {"model.arch": "xception", "mlflow.registered_model": SWEEP_MOD
 SHARES = {"a": ("0.0005", "0.002"), "b": ("0.0002", "0.004")}
 QUEUE_TIMEOUT_SECONDS = 1800
 ENDED = ("Success", "Failed")
+
+
+# what both basic-auth ini files (the stack's and deploy/'s) must set, as MLflow reads them:
+# new users may edit, the users live in PostgreSQL, a successful login is kept a while
+AUTH_SETTINGS = {
+    "default_permission": "EDIT",
+    "database": "mlflow_auth",
+    "auth_cache_ttl_seconds": stack.AUTH_CACHE_SECONDS,
+}
 
 
 def auth_config(path: Path) -> dict[str, object]:
@@ -1146,11 +1151,7 @@ def test_the_compose_stack_runs_the_tested_servers_with_their_settings() -> None
     environment = services["mlflow"]["environment"]
     for variable in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY", "PGPASSWORD"):
         assert variable in environment
-    assert auth_config(deploy / "basic_auth.ini") == {
-        "default_permission": "EDIT",
-        "database": "mlflow_auth",
-        "auth_cache_ttl_seconds": stack.AUTH_CACHE_SECONDS,
-    }
+    assert auth_config(deploy / "basic_auth.ini") == AUTH_SETTINGS
     assert "mlflow_auth" in (deploy / "postgres-init.sql").read_text()
     # every secret the file asks for is in the example, and the example holds no real one
     text = (deploy / "compose.yaml").read_text()
