@@ -4,6 +4,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 TF ?= tf
+# pytest-xdist workers for `make test`, each taking whole test modules (0: one process)
+TEST_WORKERS ?= 2
 BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed-$(TF)
 TEAM_STAMP := $(VENV)/.team-installed
@@ -36,7 +38,7 @@ test: $(TEAM_STAMP)  ## lint and the import contract, then the whole test suite 
 	$(RUN) ruff check .
 	$(RUN) ruff format --check .
 	$(RUN) lint-imports
-	$(RUN) pytest
+	$(RUN) pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 lint: install  ## ruff and the import contract only
 	$(RUN) ruff check .
