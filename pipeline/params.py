@@ -337,6 +337,21 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dic
     return result
 
 
+def parse_overrides(pairs: list[str], flag: str = "-S") -> dict[str, Any]:
+    """`key=value` strings (given with `flag`), each value read as YAML the way
+    `dvc exp run -S` reads it: `train.epochs=1` sets the number 1."""
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ParamsError(f"{flag} {pair!r}: expected key=value, e.g. {flag} train.epochs=30")
+        try:
+            overrides[key] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ParamsError(f"{flag} {pair!r}: the value is not valid YAML: {exc}") from None
+    return overrides
+
+
 def read_raw_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
     """Read `params.yaml` as plain data, with a clear error when it is missing or broken."""
     try:

@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from pipeline import params
 from pipeline.params import ParamsError, load_params, read_raw_params
 from pipeline.paths import PARAMS_FILE
 
@@ -78,16 +79,10 @@ def load_recipe(name: str, folder: Path = RECIPES_DIR) -> dict[str, Any]:
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """`key=value` strings, with values read as YAML the way `dvc exp run -S` reads them."""
-    overrides: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise RecipeError(f"-S {pair!r}: expected key=value, e.g. -S train.epochs=30")
-        try:
-            overrides[key] = yaml.safe_load(value)
-        except yaml.YAMLError as exc:
-            raise RecipeError(f"-S {pair!r}: the value is not valid YAML: {exc}") from None
-    return overrides
+    try:
+        return params.parse_overrides(pairs)
+    except ParamsError as exc:
+        raise RecipeError(str(exc)) from None
 
 
 def yaml_value(value: Any) -> str:
