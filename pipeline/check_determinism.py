@@ -77,6 +77,10 @@ def declared_stages(dvc_yaml: Path) -> dict[str, dict]:
     """The `stages` of `dvc.yaml`, in declaration order."""
     try:
         declared = (yaml.safe_load(dvc_yaml.read_text(encoding="utf-8")) or {}).get("stages", {})
+    except FileNotFoundError:
+        raise CheckError(
+            f"{dvc_yaml}: not found; run this from the project's root, where dvc.yaml lives"
+        ) from None
     except (OSError, yaml.YAMLError) as exc:
         raise CheckError(f"{dvc_yaml}: cannot be read ({exc})") from None
     return declared

@@ -69,6 +69,16 @@ def test_an_unknown_stage_is_named_with_the_ones_there_are() -> None:
         stage_outputs(ROOT / "dvc.yaml", ["trian"])
 
 
+def test_outside_a_project_it_says_where_to_run_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for args in ([], ["--set", "train.epochs=1"]):
+        assert check_determinism.main(args) == check_determinism.ERROR
+        assert "dvc.yaml: not found; run this from the project's root" in caplog.text
+        caplog.clear()
+
+
 @pytest.mark.slow
 def test_a_stage_that_repeats_its_outputs_passes(
     project: Path, capsys: pytest.CaptureFixture[str]
