@@ -100,6 +100,10 @@ def stage_outputs(dvc_yaml: Path, stages: list[str]) -> list[Path]:
     """Every `outs`, `metrics` and `plots` file the stages declare, in declaration order."""
     declared = declared_stages(dvc_yaml)
     _known(declared, stages, dvc_yaml)
+    return declared_outputs(declared, stages)
+
+
+def declared_outputs(declared: dict[str, dict], stages: list[str]) -> list[Path]:
     files: list[Path] = []
     for stage in stages:
         for kind in ("outs", "metrics", "plots"):
@@ -139,29 +143,33 @@ def describe_difference(path: Path, before: Snapshot, after: Snapshot) -> str:
     return "\n".join(shown)
 
 
-def rerun(stages: list[str]) -> None:
-    """`dvc repro --force --single-item` with this Python's environment first on PATH, so
-    the stages' `python -m ...` commands run where this check runs (`.venv/bin/python`)."""
-    command = [sys.executable, "-m", "dvc", "repro", "--force", "--single-item", *stages]
-    env = {
+def stage_env() -> dict[str, str]:
+    """This environment with this Python's folder first on PATH, so the stages' `python -m
+    ...` commands run where this check runs (`.venv/bin/python`)."""
+    return {
         **os.environ,
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
     }
+
+
+def rerun(stages: list[str]) -> None:
+    """`dvc repro --force --single-item`, the stages run by this Python (`stage_env`)."""
+    command = [sys.executable, "-m", "dvc", "repro", "--force", "--single-item", *stages]
     log.info("running again: %s", " ".join(["dvc", *command[3:]]))
-    if subprocess.call(command, env=env) != 0:
+    if subprocess.call(command, env=stage_env()) != 0:
         raise CheckError(f"the rerun failed: {' '.join(['dvc', *command[3:]])}")
 
 
 def check(stages: list[str], ignore: list[str], dvc_yaml: Path = Path("dvc.yaml")) -> list[str]:
     """Rerun `stages` and return a description of every output that came out different."""
-    files = compared_outputs(dvc_yaml, stages, ignore)
+    files = compared_outputs(stage_outputs(dvc_yaml, stages), stages, ignore)
     before = {path: snapshot(path) for path in files}
     rerun(stages)
     return differences(before, {path: snapshot(path) for path in files})
 
 
-def compared_outputs(dvc_yaml: Path, stages: list[str], ignore: list[str]) -> list[Path]:
-    files = [f for f in stage_outputs(dvc_yaml, stages) if f.as_posix() not in ignore]
+def compared_outputs(outputs: list[Path], stages: list[str], ignore: list[str]) -> list[Path]:
+    files = [f for f in outputs if f.as_posix() not in ignore]
     if not files:
         raise CheckError(f"stages {', '.join(stages)} declare no output to compare")
     return files
@@ -214,8 +222,7 @@ def make_scratch_project(
     """`dest`: the files git knows in `root`, without the stages' outputs (a stale one must
     not pass for a new one), with the inputs the stages take from earlier stages (such as
     data/processed), and with `params.yaml` changed by `overrides`."""
-    outputs = {p for stage in stages for kind in ("outs", "metrics", "plots")
-               for p in _paths(declared[stage].get(kind))}  # fmt: skip
+    outputs = declared_outputs(declared, stages)
     for name in project_files(root):
         if (root / name).is_file() or (root / name).is_symlink():
             _copy(root / name, dest / name)
@@ -238,10 +245,7 @@ def make_scratch_project(
 def run_commands(project: Path, stages: list[str], declared: dict[str, dict]) -> None:
     """Each stage's `cmd` from dvc.yaml, in `project`, as `dvc repro` runs it: through the
     shell, with this Python first on PATH; MLflow tracks in the project's own store."""
-    env = {
-        **os.environ,
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-    }
+    env = stage_env()
     for key in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID"):
         env.pop(key, None)
     for stage in stages:
@@ -261,7 +265,7 @@ def check_twice(
     declared = declared_stages(dvc_yaml)
     _known(declared, stages, dvc_yaml)
     ordered = [name for name in declared if name in stages]  # dvc.yaml lists them in order
-    files = compared_outputs(dvc_yaml, ordered, ignore)
+    files = compared_outputs(declared_outputs(declared, ordered), ordered, ignore)
     setting = ", ".join(f"{key}={value}" for key, value in overrides.items())
     runs: list[dict[Path, Snapshot]] = []
     with tempfile.TemporaryDirectory(prefix="fer-determinism-") as scratch:
